@@ -1,0 +1,46 @@
+"""Files a run writes: always to a temporary name first, then renamed, and never over an existing file."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vq4dit.errors import UserError
+
+
+def fresh(path: Path) -> Path:
+    if path.exists():
+        raise UserError(f"{path} already exists; earlier results are never overwritten (choose another folder)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = fresh(path).with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def image_grid(images: torch.Tensor, labels: torch.Tensor, columns: int, max_rows: int = 10) -> np.ndarray:
+    """A row per class (the first `max_rows` classes), `columns` samples each; images in [-1, 1] -> uint8 HxWxC."""
+    rows = []
+    for c in labels.unique()[:max_rows]:
+        picked = images[labels == c][:columns]
+        if len(picked) < columns:  # pad short rows with black
+            picked = torch.cat([picked, -torch.ones(columns - len(picked), *images.shape[1:])])
+        rows.append(torch.cat(list(picked), dim=2))
+    grid = torch.cat(rows, dim=1)
+    grid = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return grid if grid.shape[2] == 3 else grid[:, :, 0]
+
+
+def save_png(path: Path, array: np.ndarray, upscale: int = 1) -> None:
+    tmp = fresh(path).with_name(path.stem + ".tmp.png")
+    image = Image.fromarray(array)
+    if upscale > 1:
+        image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
+    image.save(tmp)
+    os.replace(tmp, path)

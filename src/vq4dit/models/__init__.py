@@ -1,0 +1,3 @@
+from vq4dit.models.dit import ConditionalDiT, load_dit
+
+__all__ = ["ConditionalDiT", "load_dit"]

@@ -1,0 +1,106 @@
+"""Reading full-precision DiT weights: the original `.pt` state dict or a diffusers folder / safetensors file.
+
+Only tensors are read (`weights_only=True`, safetensors); every failure is one line naming the file.
+"""
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from diffusers import DiTTransformer2DModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from vq4dit.errors import UserError
+from vq4dit.models.original_format import from_original, is_original_state_dict
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def load_transformer_weights(transformer: DiTTransformer2DModel, path: Path, name: str) -> None:
+    state = read_state_dict(path)
+    if is_original_state_dict(state):
+        _check_pos_embed(transformer, state, path)
+        try:
+            state = from_original(state, transformer.config.num_layers)
+        except KeyError as e:
+            raise UserError(f"checkpoint {path} does not match model {name}: {e.args[0]}") from None
+    _load_strict(transformer, state, path, name)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        return _read_diffusers_folder(path)
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"checkpoint {path} holds Python objects besides tensors, which are not unpickled; "
+                        "re-save only its state dict, e.g. torch.save(ckpt['ema'], 'weights.pt')") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot read checkpoint {path}: truncated or corrupt ({reason})") from None
+    # DiT's own training checkpoints wrap the weights; the EMA copy is the one to sample from.
+    if isinstance(state, dict) and isinstance(state.get("ema"), dict):
+        state = state["ema"]
+    elif isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"checkpoint {path} is not a state dict of tensors")
+    return state
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"cannot read checkpoint {path}: truncated or corrupt ({e})") from None
+
+
+def _read_diffusers_folder(path: Path) -> dict[str, torch.Tensor]:
+    for folder in (path, path / "transformer"):
+        if (folder / DIFFUSERS_WEIGHTS).exists():
+            return _read_safetensors(folder / DIFFUSERS_WEIGHTS)
+    raise UserError(f"checkpoint folder {path} holds no {DIFFUSERS_WEIGHTS} (nor transformer/{DIFFUSERS_WEIGHTS})")
+
+
+def _load_strict(transformer: DiTTransformer2DModel, state: dict, path: Path, name: str) -> None:
+    expected = transformer.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        first = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise UserError(f"checkpoint {path} does not match model {name}: {first} "
+                        f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise UserError(f"checkpoint {path} does not match model {name}: {key} has shape "
+                            f"{tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}")
+    transformer.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+
+
+def _check_pos_embed(transformer: DiTTransformer2DModel, state: dict, path: Path) -> None:
+    """The original stores its fixed sin-cos table; a mismatch means another resolution or patch size."""
+    stored = state.get("pos_embed")
+    ours = transformer.pos_embed.pos_embed
+    if stored is None or stored.shape[-1] != ours.shape[-1]:
+        return  # absent, or another hidden size: the weights' shape check names that more precisely
+    if stored.shape != ours.shape or not torch.allclose(stored.float(), ours.float(), atol=1e-4):
+        raise UserError(f"checkpoint {path} was made for another resolution: pos_embed {tuple(stored.shape)} "
+                        f"does not match this model's {tuple(ours.shape)} table "
+                        f"(sample_size={transformer.config.sample_size}, patch_size={transformer.config.patch_size})")
+
+
+def save_diffusers_folder(transformer: DiTTransformer2DModel, folder: Path, extra: dict) -> None:
+    """diffusers' own folder format plus our metadata (`vq4dit.json`), written to a temporary name then renamed."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    transformer.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "vq4dit.json").write_text(json.dumps(extra, indent=2))
+    if folder.exists():
+        raise UserError(f"{folder} already exists; move it away first (earlier results are never overwritten)")
+    tmp.rename(folder)

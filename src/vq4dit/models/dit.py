@@ -1,0 +1,107 @@
+"""A class-conditional DiT: diffusers' `DiTTransformer2DModel` plus what sampling needs to know about it.
+
+Two numeric details make diffusers' DiT differ from facebookresearch/DiT's `models.py` for the same weights:
+the timestep embedding's frequency shift (diffusers divides by half-1, the original by half) and the eps of the
+MLP LayerNorm (1e-5 vs 1e-6). `timestep_shift=0` and `norm_eps=1e-6` in the model config restore the original;
+the third difference, which channels classifier-free guidance mixes, is `guided_channels` (see sampling.py).
+"""
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DiTTransformer2DModel
+from torch import nn
+
+from vq4dit.errors import UserError
+from vq4dit.models.checkpoint_io import load_transformer_weights
+
+
+class ConditionalDiT(nn.Module):
+    """Noise predictor eps(x_t, t, y) with its label count, null label and optional latent decoder."""
+
+    def __init__(
+        self,
+        transformer: DiTTransformer2DModel,
+        name: str,
+        guided_channels: int | None = None,
+        vae: AutoencoderKL | None = None,
+        latent_scale: float = 1.0,
+    ):
+        super().__init__()
+        self.transformer = transformer
+        self.name = name
+        self.guided_channels = guided_channels
+        self.vae = vae
+        self.latent_scale = latent_scale
+
+    @property
+    def num_classes(self) -> int:
+        return self.transformer.config.num_embeds_ada_norm
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    @property
+    def in_channels(self) -> int:
+        return self.transformer.config.in_channels
+
+    @property
+    def sample_size(self) -> int:
+        return self.transformer.config.sample_size
+
+    @property
+    def learns_sigma(self) -> bool:
+        return self.transformer.out_channels == 2 * self.in_channels
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.transformer_blocks
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.transformer(x, timestep=t, class_labels=y, return_dict=False)[0]
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> images in [-1, 1]."""
+        if self.vae is None:
+            return x.clamp(-1, 1)
+        return self.vae.decode(x / self.latent_scale).sample.clamp(-1, 1)
+
+
+def build_transformer(arch: dict, timestep_shift: float = 0.0, seed: int = 0) -> DiTTransformer2DModel:
+    """A randomly initialised transformer (seeded) with the configured timestep-frequency convention."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = DiTTransformer2DModel(**arch)
+    set_timestep_shift(transformer, timestep_shift)
+    return transformer
+
+
+def set_timestep_shift(transformer: DiTTransformer2DModel, shift: float) -> None:
+    for block in transformer.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = shift
+
+
+def load_dit(
+    name: str,
+    arch: dict,
+    weights: str | None = None,
+    timestep_shift: float = 0.0,
+    guided_channels: int | None = None,
+    vae: str | None = None,
+    latent_scale: float = 1.0,
+    seed: int = 0,
+) -> ConditionalDiT:
+    """Build the configured DiT; load `weights` (original `.pt`, diffusers folder or `.safetensors`) if given."""
+    transformer = build_transformer(dict(arch), timestep_shift, seed)
+    if weights is not None:
+        load_transformer_weights(transformer, Path(weights), name)
+    transformer.eval().requires_grad_(False)
+    autoencoder = None
+    if vae is not None:
+        if not Path(vae).is_dir():
+            raise UserError(f"model.vae={vae} is not a folder; give the local path of an AutoencoderKL "
+                            "(e.g. stabilityai/sd-vae-ft-ema downloaded with its config.json)")
+        autoencoder = AutoencoderKL.from_pretrained(vae).eval().requires_grad_(False)
+    return ConditionalDiT(transformer, name, guided_channels, autoencoder, latent_scale).eval()

@@ -1,0 +1,124 @@
+"""`evaluate(cfg)` end to end on a random digits-architecture DiT: what it writes, that a seed reproduces it, that
+it never overwrites, and the `python eval.py` command line (exit 0 / exit 2 with one `error:` line)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from PIL import Image
+
+from vq4dit.errors import UserError
+from vq4dit.evaluate import evaluate
+from vq4dit.models.dit import build_transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = 2
+SMALL = ["num_samples=40", "sampler.steps=4", "sampler.batch_size=20", f"model.arch.num_layers={LAYERS}"]
+METRICS = {"fid", "fid_floor", "inception_score", "class_accuracy"}
+
+
+@pytest.fixture(scope="module")
+def random_dit(tmp_path_factory) -> Path:
+    """A random DiT with the dit_digits architecture (fewer layers), saved as a diffusers folder."""
+    arch = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/model/dit_digits.yaml").arch)
+    arch["num_layers"] = LAYERS
+    folder = tmp_path_factory.mktemp("model") / "random_dit"
+    build_transformer(arch, seed=1).save_pretrained(folder)
+    return folder
+
+
+def _compose(out: Path, *overrides: str):
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        return compose("eval", overrides=[f"paths.output_dir={out / 'run'}", f"paths.log_dir={out / 'logs'}",
+                                          *overrides])
+
+
+@pytest.fixture(scope="module")
+def first_run(random_dit, tmp_path_factory):
+    """(cfg, returned metrics) of one evaluation into a fresh folder, shared by the tests below."""
+    cfg = _compose(tmp_path_factory.mktemp("eval"), f"ckpt={random_dit}", *SMALL)
+    return cfg, evaluate(cfg)
+
+
+def test_writes_metrics_grid_and_events(first_run, random_dit):
+    cfg, metrics = first_run
+    out = Path(cfg.paths.output_dir)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == metrics
+    assert METRICS <= set(saved) and all(isinstance(saved[k], float) for k in METRICS)
+    assert saved["ckpt"] == str(random_dit) and saved["model"] == "dit_digits" and saved["num_samples"] == 40
+    assert saved["fid"] > 0 and saved["fid_floor"] > 0 and 1 <= saved["inception_score"] <= 10
+    assert 0 <= saved["class_accuracy"] <= 1
+
+    grid = Image.open(out / "samples.png")
+    cell = 16 * cfg.grid_upscale
+    assert grid.mode == "L" and grid.size == (cfg.grid_columns * cell, 10 * cell)  # a row per class
+    # 40 balanced samples: 4 per class row, the other columns padded with black
+    pixels = list(grid.crop((4 * cell, 0, grid.width, grid.height)).getdata())
+    assert max(pixels) == 0
+
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events and all(e.is_relative_to(out) for e in events)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent)).Reload()
+    assert {f"eval/{k}" for k in METRICS} <= set(acc.Tags()["scalars"])
+    assert acc.Scalars("eval/fid")[0].value == pytest.approx(metrics["fid"], rel=1e-6)
+    assert "eval/samples" in acc.Tags()["images"]
+
+
+def test_same_seed_into_a_fresh_folder_gives_the_same_numbers(first_run, random_dit, tmp_path):
+    _, metrics = first_run
+    again = evaluate(_compose(tmp_path, f"ckpt={random_dit}", *SMALL))
+    assert again == metrics
+
+
+def test_never_overwrites_an_earlier_run(first_run):
+    cfg, _ = first_run
+    metrics_file = Path(cfg.paths.output_dir) / "metrics.json"
+    before = metrics_file.read_bytes(), (metrics_file.parent / "samples.png").read_bytes()
+    with pytest.raises(UserError, match="already exists"):
+        evaluate(cfg)
+    assert (metrics_file.read_bytes(), (metrics_file.parent / "samples.png").read_bytes()) == before
+    assert not list(metrics_file.parent.glob("*.tmp*"))
+
+
+def test_missing_checkpoint_is_a_user_error_naming_it(compose_cfg, tmp_path):
+    missing = tmp_path / "no_such_model"
+    cfg = compose_cfg("eval", f"ckpt={missing}", *SMALL)
+    with pytest.raises(UserError, match=re.escape(str(missing))):
+        evaluate(cfg)
+    assert not (tmp_path / "run").exists()  # failed before writing anything
+
+
+def _eval_py(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PROJECT_ROOT": str(ROOT)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_command_line_evaluates(random_dit, tmp_path):
+    result = _eval_py(f"ckpt={random_dit}", f"model.arch.num_layers={LAYERS}", "num_samples=20", "sampler.steps=2",
+                      f"paths.log_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    fid = re.search(r"^fid: (\S+)$", result.stdout, re.M)
+    assert fid and float(fid.group(1)) > 0, result.stdout
+    runs = list((tmp_path / "eval" / "runs").iterdir())  # Hydra's run folder under paths.log_dir
+    assert len(runs) == 1 and (runs[0] / "metrics.json").exists() and (runs[0] / "samples.png").exists()
+    saved = json.loads((runs[0] / "metrics.json").read_text())
+    assert saved["num_samples"] == 20 and float(fid.group(1)) == pytest.approx(saved["fid"], abs=1e-4)
+
+
+def test_command_line_bad_checkpoint_exits_2_with_one_line(tmp_path):
+    result = _eval_py("ckpt=/nonexistent", f"paths.log_dir={tmp_path}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "/nonexistent" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout

@@ -1,0 +1,146 @@
+"""Sampling: seeded and device-independent, balanced labels, both schedulers, classifier-free guidance's model
+calls, and learned-sigma DDPM."""
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from vq4dit.sampling import Sampler, balanced_labels
+
+N = 6  # samples per test: small, and not a multiple of the 10 classes
+
+
+@pytest.fixture
+def tiny(compose_cfg):
+    """(compose(sampler, *overrides) -> Sampler, the dit_tiny model: learned sigma, 3 guided channels)."""
+
+    def sampler(name: str = "ddim", *overrides: str) -> Sampler:
+        cfg = compose_cfg("eval", "model=dit_tiny", "ckpt=none", f"sampler={name}", "sampler.steps=3",
+                          "sampler.batch_size=4", *overrides)
+        return instantiate(cfg.sampler)
+
+    model = instantiate(compose_cfg("eval", "model=dit_tiny", "ckpt=none").model)
+    return sampler, model
+
+
+def _count_calls(model: nn.Module) -> list:
+    """Records the (x, t, y) of every forward call of the model."""
+    calls = []
+    model.register_forward_pre_hook(lambda _, args: calls.append(tuple(a.clone() for a in args)))
+    return calls
+
+
+def test_same_seed_is_bit_identical_and_another_seed_differs(tiny):
+    make, model = tiny
+    sampler, labels = make(), balanced_labels(N, model.num_classes)
+    a = sampler.sample(model, labels, seed=3, progress=False)
+    b = sampler.sample(model, labels, seed=3, progress=False)
+    c = sampler.sample(model, labels, seed=4, progress=False)
+    assert a.shape == (N, model.in_channels, model.sample_size, model.sample_size) and a.device.type == "cpu"
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_device_string_or_torch_device_give_the_same_images(tiny):
+    make, model = tiny
+    base = make()
+    labels = balanced_labels(N, model.num_classes)
+    as_string = Sampler(base.scheduler, 3, 1.5, 4, device="cpu")
+    as_device = Sampler(base.scheduler, 3, 1.5, 4, device=torch.device("cpu"))
+    assert as_device.device == as_string.device == torch.device("cpu")
+    assert torch.equal(as_string.sample(model, labels, seed=1, progress=False),
+                       as_device.sample(model, labels, seed=1, progress=False))
+
+
+@pytest.mark.parametrize("n,classes", [(500, 10), (40, 10), (3000, 1000), (7, 7)])
+def test_balanced_labels(n, classes):
+    labels = balanced_labels(n, classes)
+    counts = torch.bincount(labels, minlength=classes)
+    assert len(labels) == n and labels.dtype == torch.long
+    assert labels.min() >= 0 and labels.max() < classes
+    assert counts.max() - counts.min() <= 1 and (n % classes or counts.min() == n // classes)
+    assert torch.equal(labels, balanced_labels(n, classes))  # the same list on every call
+
+
+def test_unbalanced_remainder_goes_to_the_first_classes():
+    counts = torch.bincount(balanced_labels(25, 10), minlength=10)
+    assert counts.tolist() == [3] * 5 + [2] * 5
+
+
+@pytest.mark.parametrize("name,scheduler", [("ddpm", "DDPMScheduler"), ("ddim", "DDIMScheduler")])
+def test_both_schedulers_run_from_their_configs(tiny, name, scheduler):
+    make, model = tiny
+    sampler = make(name)
+    assert type(sampler.scheduler).__name__ == scheduler and sampler.steps == 3
+    calls = _count_calls(model)
+    images = sampler.sample(model, balanced_labels(N, model.num_classes), seed=0, progress=False)
+    assert images.shape == (N, model.in_channels, 8, 8)
+    assert torch.isfinite(images).all() and images.abs().max() <= 1
+    assert len(calls) == 3 * 2  # 3 steps for each of the two batches (batch_size 4, 6 samples)
+    # the scheduler is copied per batch: the configured one is left as it was
+    assert sampler.sample(model, balanced_labels(N, model.num_classes), seed=0, progress=False).equal(images)
+
+
+def test_without_guidance_the_model_runs_once_per_step_on_the_labels(tiny):
+    make, model = tiny
+    sampler = make("ddim", "sampler.guidance_scale=1.0", "sampler.batch_size=100")
+    labels = balanced_labels(N, model.num_classes)
+    calls, hooked = _count_calls(model), []
+    sampler.sample(model, labels, seed=0, progress=False, on_step=lambda x, t, y: hooked.append((x, t, y)))
+    assert len(calls) == len(hooked) == 3
+    for (x, t, y), (hx, ht, hy) in zip(calls, hooked):
+        assert len(x) == N and torch.equal(y, labels) and torch.equal(x, hx) and torch.equal(hy, y)
+    timesteps = [int(t[0]) for _, t, _ in calls]
+    assert timesteps == sorted(timesteps, reverse=True) and len(set(timesteps)) == 3
+
+
+def test_guidance_doubles_the_batch_with_the_null_label(tiny):
+    make, model = tiny
+    sampler = make("ddim", "sampler.guidance_scale=4.0", "sampler.batch_size=100")
+    labels = balanced_labels(N, model.num_classes)
+    calls, hooked = _count_calls(model), []
+    sampler.sample(model, labels, seed=0, progress=False, on_step=lambda x, t, y: hooked.append(y))
+    assert len(calls) == len(hooked) == 3
+    for x, t, y in calls:
+        assert len(x) == len(t) == len(y) == 2 * N
+        assert torch.equal(x[:N], x[N:]) and torch.equal(t[:N], t[N:])
+        assert torch.equal(y[:N], labels) and (y[N:] == model.null_label).all()
+    assert model.null_label == model.num_classes == 10
+
+
+class _Stub(nn.Module):
+    """cond output 1 everywhere, uncond 0: guided channels become `scale`, the rest stay cond."""
+
+    in_channels, null_label, guided_channels = 4, 10, 3
+
+    def forward(self, x, t, y):
+        out = torch.zeros(len(x), 8, *x.shape[2:])
+        out[y != self.null_label] = 1.0
+        return out
+
+
+def test_guidance_mixes_only_the_guided_channels():
+    sampler = Sampler(scheduler=None, steps=1, guidance_scale=2.5, batch_size=4)
+    x, y = torch.zeros(2, 4, 2, 2), torch.tensor([1, 2])
+    out = sampler.guided_output(_Stub(), x, torch.tensor(5), y)
+    assert out.shape == (2, 8, 2, 2)
+    assert (out[:, :3] == 2.5).all() and (out[:, 3:] == 1.0).all()
+    stub = _Stub()
+    stub.guided_channels = None  # None: guide every input channel (the variance half keeps cond)
+    out = sampler.guided_output(stub, x, torch.tensor(5), y)
+    assert (out[:, :4] == 2.5).all() and (out[:, 4:] == 1.0).all()
+
+
+def test_learned_sigma_model_samples_with_learned_range_ddpm(tiny):
+    make, model = tiny
+    assert model.learns_sigma and model.transformer.out_channels == 2 * model.in_channels == 8
+    labels = balanced_labels(N, model.num_classes)
+    learned = make("ddpm", "sampler.scheduler.variance_type=learned_range")
+    assert learned.scheduler.config.variance_type == "learned_range"
+    images = learned.sample(model, labels, seed=0, progress=False)
+    assert images.shape == (N, model.in_channels, model.sample_size, model.sample_size)
+    assert torch.isfinite(images).all()
+    # the predicted variance is used: fixed_small (which drops those channels) gives other images
+    fixed = make("ddpm").sample(model, labels, seed=0, progress=False)
+    assert fixed.shape == images.shape and not torch.allclose(fixed, images)
