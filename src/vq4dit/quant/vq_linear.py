@@ -1,0 +1,152 @@
+"""Vector-quantized linear layers.
+
+A weight (out x in) is cut into sub-vectors of d consecutive input weights of one output row and each
+sub-vector is replaced by a codeword of a per-layer codebook (k x d), so a weight costs log2(k)/d bits.
+
+`SoftVQLinear` is VQ4DiT's calibration state: every sub-vector holds n candidate codewords (its n nearest) and a
+softmax over n learnable logits mixes them; confident sub-vectors are frozen to their best candidate.
+`VQLinear` is the deployment state: one hard code per sub-vector, the codebook and the bias. Only the second is
+saved; its `dequantize()` is the reference path the checkpoint and tests check against.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vq4dit.quant.kmeans import kmeans, nearest
+from vq4dit.quant.packing import smallest_code_dtype
+
+
+def subvectors(weight: torch.Tensor, d: int) -> torch.Tensor:
+    out_features, in_features = weight.shape
+    if in_features % d:
+        raise ValueError(f"d={d} does not divide the input width {in_features}")
+    return weight.detach().float().reshape(-1, d)
+
+
+class VQLinear(nn.Module):
+    """Hard codes (smallest integer dtype), a codebook and a full-precision bias."""
+
+    def __init__(self, codes: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor | None,
+                 out_features: int, in_features: int):
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.register_buffer("codes", codes.to(smallest_code_dtype(len(codebook))))
+        self.codebook = nn.Parameter(codebook)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+
+    @property
+    def k(self) -> int:
+        return self.codebook.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.codebook.shape[1]
+
+    @property
+    def bits_per_weight(self) -> float:
+        return math.log2(self.k) / self.d
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, k: int, d: int, iters: int = 100, seed: int = 0) -> "VQLinear":
+        """Plain k-means VQ: k-means codebook on the layer's own sub-vectors, nearest-codeword codes."""
+        points = subvectors(linear.weight, d)
+        codebook = kmeans(points, k, iters=iters, seed=seed)
+        codes, _ = nearest(points, codebook, n=1)
+        return cls(codes[:, 0], codebook, _bias(linear), linear.out_features, linear.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        return F.embedding(self.codes.long(), self.codebook).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}->{self.out_features}, k={self.k}, d={self.d}, {self.bits_per_weight:g} bits"
+
+
+class SoftVQLinear(nn.Module):
+    """Codebook, n candidate codewords per sub-vector and their softmax ratio logits (VQ4DiT's calibration state)."""
+
+    def __init__(self, codebook: torch.Tensor, candidates: torch.Tensor, logits: torch.Tensor,
+                 bias: torch.Tensor | None, out_features: int, in_features: int):
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.codebook = nn.Parameter(codebook)
+        self.register_buffer("candidates", candidates)
+        self.logits = nn.Parameter(logits)
+        self.register_buffer("frozen", torch.zeros(len(candidates), dtype=torch.bool))
+        self.bias = nn.Parameter(bias) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, k: int, d: int, n: int, ratio_init: str = "uniform",
+                    iters: int = 100, seed: int = 0) -> "SoftVQLinear":
+        points = subvectors(linear.weight, d)
+        if k > len(points):
+            raise ValueError(f"k={k} is larger than the {len(points)} sub-vectors of a "
+                             f"{linear.out_features}x{linear.in_features} layer at d={d}")
+        codebook = kmeans(points, k, iters=iters, seed=seed)
+        candidates, sq_dist = nearest(points, codebook, n=n)
+        if ratio_init == "uniform":  # the paper: every candidate starts at 1/n
+            logits = torch.zeros_like(sq_dist)
+        elif ratio_init == "inverse_distance":  # the released code: ratios proportional to 1/distance
+            logits = -torch.log(sq_dist.sqrt() + 1e-8)
+        else:
+            raise ValueError(f"ratio_init={ratio_init!r}; valid: uniform, inverse_distance")
+        return cls(codebook, candidates, logits, _bias(linear), linear.out_features, linear.in_features)
+
+    def ratios(self) -> torch.Tensor:
+        """Softmax ratios; frozen sub-vectors are one-hot on their best candidate."""
+        soft = self.logits.softmax(dim=1)
+        if not self.frozen.any():
+            return soft
+        hard = F.one_hot(self.logits.argmax(dim=1), soft.shape[1]).to(soft.dtype)
+        return torch.where(self.frozen[:, None], hard, soft)
+
+    def weight(self) -> torch.Tensor:
+        mixed = torch.einsum("sn,snd->sd", self.ratios(), self.codebook[self.candidates])
+        return mixed.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def hard_codes(self) -> torch.Tensor:
+        return self.candidates.gather(1, self.logits.argmax(dim=1, keepdim=True)).squeeze(1)
+
+    def hard_weight(self) -> torch.Tensor:
+        return F.embedding(self.hard_codes(), self.codebook).reshape(self.out_features, self.in_features)
+
+    @torch.no_grad()
+    def freeze_confident(self, threshold: float) -> None:
+        self.frozen |= self.logits.softmax(dim=1).max(dim=1).values > threshold
+
+    @torch.no_grad()
+    def freeze_all(self) -> None:
+        self.frozen.fill_(True)
+
+    def regularizer(self, form: str) -> torch.Tensor:
+        """Pushes every ratio to 0 or 1. paper: mean(1 - |2r - 1|); code: n * mean(r (1 - r))."""
+        r = self.ratios()
+        if form == "paper":
+            return (1 - (2 * r - 1).abs()).mean()
+        if form == "code":
+            return r.shape[1] * (r * (1 - r)).mean()
+        raise ValueError(f"regularizer={form!r}; valid: paper, code")
+
+    @torch.no_grad()
+    def entropy(self) -> torch.Tensor:
+        r = self.ratios()
+        return -(r * r.clamp_min(1e-12).log()).sum(dim=1).mean()
+
+    @torch.no_grad()
+    def to_hard(self, codebook_dtype: torch.dtype = torch.float16) -> VQLinear:
+        """The deployment layer: argmax codes, the codebook rounded to its storage dtype."""
+        bias = None if self.bias is None else self.bias.detach().clone()
+        return VQLinear(self.hard_codes(), self.codebook.detach().to(codebook_dtype).float(), bias,
+                        self.out_features, self.in_features)
+
+
+def _bias(linear: nn.Linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach().float().clone()

@@ -1,0 +1,21 @@
+"""Vector-quantize a DiT with zero-data block-wise calibration: python train.py quant=w2|w3|w4."""
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+
+from vq4dit.entry import run  # noqa: E402
+from vq4dit.quantize import quantize  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    print(f"checkpoint: {run(lambda: quantize(cfg))}")
+
+
+if __name__ == "__main__":
+    main()
