@@ -57,11 +57,11 @@ def test_writes_metrics_grid_and_events(first_run, random_dit):
     assert 0 <= saved["class_accuracy"] <= 1
 
     grid = Image.open(out / "samples.png")
-    cell = 16 * cfg.grid_upscale
+    cell = (16 + 2) * cfg.grid_upscale  # a 16 px sample in a 1 px grey frame
     assert grid.mode == "L" and grid.size == (cfg.grid_columns * cell, 10 * cell)  # a row per class
-    # 40 balanced samples: 4 per class row, the other columns padded with black
-    pixels = list(grid.crop((4 * cell, 0, grid.width, grid.height)).getdata())
-    assert max(pixels) == 0
+    # 40 balanced samples: 4 per class row, the other columns black samples in grey frames
+    pixels = set(grid.crop((4 * cell, 0, grid.width, grid.height)).getdata())
+    assert pixels == {0, 128}
 
     events = list(out.rglob("events.out.tfevents.*"))
     assert events and all(e.is_relative_to(out) for e in events)

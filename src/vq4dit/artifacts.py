@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from vq4dit.errors import UserError
@@ -25,12 +26,13 @@ def write_json(path: Path, obj) -> None:
 
 
 def image_grid(images: torch.Tensor, labels: torch.Tensor, columns: int, max_rows: int = 10) -> np.ndarray:
-    """A row per class (the first `max_rows` classes), `columns` samples each; images in [-1, 1] -> uint8 HxWxC."""
+    """A row per class (the first `max_rows` classes), `columns` framed samples each; images in [-1, 1] -> uint8."""
     rows = []
     for c in labels.unique()[:max_rows]:
         picked = images[labels == c][:columns]
         if len(picked) < columns:  # pad short rows with black
             picked = torch.cat([picked, -torch.ones(columns - len(picked), *images.shape[1:])])
+        picked = F.pad(picked, (1, 1, 1, 1), value=0.0)  # a grey frame keeps neighbouring samples apart
         rows.append(torch.cat(list(picked), dim=2))
     grid = torch.cat(rows, dim=1)
     grid = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()

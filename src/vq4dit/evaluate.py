@@ -5,14 +5,17 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from safetensors.torch import load_file, save_file
 
 from vq4dit.artifacts import fresh, image_grid, save_png, write_json
-from vq4dit.errors import instantiate
+from vq4dit.errors import UserError, instantiate
+from vq4dit.metrics import psnr
 from vq4dit.models import ConditionalDiT
 from vq4dit.quant.checkpoint import is_quantized_checkpoint, load_quantized
 from vq4dit.sampling import balanced_labels
 
 log = logging.getLogger(__name__)
+OUTPUTS = ("metrics.json", "samples.png", "samples.safetensors")
 
 
 def load_model(model_cfg: DictConfig, ckpt: str) -> ConditionalDiT:
@@ -23,19 +26,33 @@ def load_model(model_cfg: DictConfig, ckpt: str) -> ConditionalDiT:
     return instantiate(model_cfg, weights=str(path))
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    out = Path(cfg.paths.output_dir)
-    for name in ("metrics.json", "samples.png"):  # refuse before minutes of sampling, not after
-        fresh(out / name)
-    model = load_model(cfg.model, cfg.ckpt).to(cfg.device)
+def sample_and_score(cfg: DictConfig, model: ConditionalDiT, compare_to: torch.Tensor | None = None):
+    """(images in [-1, 1], labels, metrics): the eval protocol, shared by eval.py and the benchmarks."""
     sampler = instantiate(cfg.sampler)
     scorer = instantiate(cfg.metric)
     labels = balanced_labels(cfg.num_samples, model.num_classes)
-    images = sampler.sample(model, labels, seed=cfg.seed)
-    metrics = {"ckpt": str(cfg.ckpt), "model": model.name, **scorer.score(images, labels, seed=cfg.seed)}
+    images = sampler.sample(model.to(cfg.device), labels, seed=cfg.seed)
+    metrics = {"model": model.name, **scorer.score(images, labels, seed=cfg.seed)}
+    if compare_to is not None:
+        if compare_to.shape != images.shape:
+            raise UserError(f"compare_to holds samples of shape {tuple(compare_to.shape)}, these are "
+                            f"{tuple(images.shape)}: compare runs with the same num_samples and model")
+        metrics["psnr_vs_reference"] = psnr(images, compare_to)
+    return images, labels, metrics
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    out = Path(cfg.paths.output_dir)
+    for name in OUTPUTS:  # refuse before minutes of sampling, not after
+        fresh(out / name)
+    reference = _reference_samples(cfg.get("compare_to"))
+    model = load_model(cfg.model, cfg.ckpt)
+    images, labels, metrics = sample_and_score(cfg, model, reference)
+    metrics = {"ckpt": str(cfg.ckpt), **metrics}
     write_json(out / "metrics.json", metrics)
     grid = image_grid(images, labels, cfg.grid_columns)
     save_png(out / "samples.png", grid, upscale=cfg.grid_upscale)
+    save_file({"images": images.half(), "labels": labels}, out / "samples.safetensors")
     logger = instantiate(cfg.logger)
     for k, v in metrics.items():
         if isinstance(v, float):
@@ -45,3 +62,12 @@ def evaluate(cfg: DictConfig) -> dict:
     log.info("metrics: %s", metrics)
     print("\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in metrics.items()))
     return metrics
+
+
+def _reference_samples(path: str | None) -> torch.Tensor | None:
+    """Another run's samples.safetensors (e.g. the full-precision model's, same seed): PSNR is measured to it."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise UserError(f"compare_to={path} not found; give the samples.safetensors of an earlier eval run")
+    return load_file(path)["images"].float()
