@@ -14,7 +14,8 @@ from vq4dit.quantize import quantize  # noqa: E402
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    print(f"checkpoint: {run(lambda: quantize(cfg))}")
+    ckpt = run(lambda: quantize(cfg))
+    print(f"checkpoint: {ckpt}\nscore it:   python eval.py model={cfg.model.name} ckpt={ckpt}")
 
 
 if __name__ == "__main__":

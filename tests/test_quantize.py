@@ -96,6 +96,9 @@ def test_interrupted_run_resumes_to_the_same_checkpoint(compose_cfg, tmp_path, m
     ("quant.d=3", "quant.d=3 does not divide"),
     ("quant.k=100000", "quant.k=100000 is larger than"),
     ("method.candidates=0", "method.candidates=0"),
+    ("method.ratio_init=random", "method.ratio_init=random; valid: uniform, inverse_distance"),
+    ("method.harden_at=0", "method.harden_at=0"),
+    ("method.name=gptq", "method.name=gptq; valid"),
 ])
 def test_bad_quant_settings_stop_before_any_work(compose_cfg, tmp_path, override, message):
     cfg = compose_cfg("train", *FAST, override)

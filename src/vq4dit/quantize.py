@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
 METHODS = ("vq4dit", "classic_vq", "kmeans")
+SWITCHES = {"ratio_init": ("uniform", "inverse_distance"), "codebook_training": ("joint", "after_freeze"),
+            "regularizer": ("paper", "code"), "reg_schedule": ("constant", "linear"),
+            "student_inputs": ("fp", "quantized")}
 
 
 def quantize(cfg: DictConfig) -> Path:
@@ -48,6 +51,8 @@ def quantize(cfg: DictConfig) -> Path:
     model = instantiate(cfg.model).to(cfg.device)
     check_quantizable(model, k, d, method)
     out = Path(cfg.paths.output_dir)
+    if (out / "checkpoint").exists():
+        raise UserError(f"{out / 'checkpoint'} already exists; earlier results are never overwritten")
     cache = block_cache(cfg, out)
     logger = instantiate(cfg.logger)
     sampler = instantiate(cfg.sampler)
@@ -102,6 +107,11 @@ def check_quantizable(model: ConditionalDiT, k: int, d: int, method: dict) -> No
     n = method.get("candidates", 1)
     if method["name"] == "vq4dit" and not 1 <= n <= k:
         raise UserError(f"method.candidates={n}; valid: 1..k ({k})")
+    for key, valid in SWITCHES.items():
+        if method[key] not in valid:
+            raise UserError(f"method.{key}={method[key]}; valid: {', '.join(valid)}")
+    if not 0 < method["harden_at"] <= 1:
+        raise UserError(f"method.harden_at={method['harden_at']}; valid: a fraction in (0, 1]")
 
 
 def block_cache(cfg: DictConfig, out: Path) -> Path:
@@ -109,7 +119,7 @@ def block_cache(cfg: DictConfig, out: Path) -> Path:
     if not cfg.resume:
         (out / "blocks").mkdir(parents=True, exist_ok=True)
         return out / "blocks"
-    keyed = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "quant", "method", "sampler")}
+    keyed = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "quant", "method", "sampler", "trainer")}
     keyed["seed"] = cfg.seed
     digest = hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
     folder = Path(cfg.paths.log_dir) / "train" / "cache" / f"{cfg.model.name}-{cfg.quant.name}-{cfg.method.name}-{digest}"
@@ -122,17 +132,18 @@ def calibrate_block(block, index, inputs, pool, targets, eval_rows, k, d, method
     L.seed_everything(cfg.seed + index, workers=True, verbose=False)
     student = copy.deepcopy(block)
     for j, (name, linear) in enumerate(block_linears(block).items()):
-        seed = cfg.seed + 1000 * index + j
+        kmeans_args = {"iters": method["kmeans_iters"], "seed": cfg.seed + 1000 * index + j,
+                       "max_points": method["kmeans_points_per_codeword"] * k}
         if method["name"] == "vq4dit":
-            layer = SoftVQLinear.from_linear(linear, k, d, method["candidates"], method["ratio_init"],
-                                             method["kmeans_iters"], seed)
+            layer = SoftVQLinear.from_linear(linear, k, d, method["candidates"], method["ratio_init"], **kmeans_args)
         else:
-            layer = VQLinear.from_linear(linear, k, d, method["kmeans_iters"], seed)
+            layer = VQLinear.from_linear(linear, k, d, **kmeans_args)
         replace_layer(student, name, layer.to(cfg.device))
     data = TensorDataset(inputs, pool.timesteps, pool.labels, targets)
     eval_batch = tuple(t[eval_rows] for t in data.tensors)
     module = BlockCalibration(copy.deepcopy(block), student, method, index, eval_batch)
-    stats = {"block": index, "kmeans_mse": module.eval_mse()}
+    stats = {"block": index, "kmeans_mse": _kmeans_mse(block, student, module)}
+    module.mse_scale = max(stats["kmeans_mse"], 1e-12)
     if method["iterations"] > 0:
         sampler = RandomSampler(data, replacement=True, num_samples=method["iterations"] * method["batch_size"],
                                 generator=torch.Generator().manual_seed(cfg.seed + index))
@@ -149,6 +160,19 @@ def calibrate_block(block, index, inputs, pool, targets, eval_rows, k, d, method
     module.student = shipped
     stats["hard_mse"] = module.eval_mse()  # the block as it ships: hard codes, fp16 codebook
     return layers, stats
+
+
+def _kmeans_mse(block, student, module) -> float:
+    """Block MSE of plain k-means VQ: every layer's sub-vectors on their nearest codeword."""
+    plain = copy.deepcopy(block)
+    for name, layer in block_linears(student).items():
+        codes = layer.candidates[:, 0] if isinstance(layer, SoftVQLinear) else layer.codes
+        bias = None if layer.bias is None else layer.bias.detach().clone()
+        replace_layer(plain, name, VQLinear(codes, layer.codebook.detach().clone(), bias,
+                                            layer.out_features, layer.in_features))
+    with torch.no_grad():
+        x, t, y, target = (v.to(module.device) for v in module.eval_batch)
+        return F.mse_loss(plain(x, timestep=t, class_labels=y), target).item()
 
 
 def _rounded(layer: VQLinear) -> VQLinear:

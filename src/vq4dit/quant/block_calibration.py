@@ -1,5 +1,7 @@
 """One DiT block's calibration as a LightningModule: the frozen full-precision block is the teacher, the
 vector-quantized copy the student, and the loss is block-output MSE plus a regulariser driving ratios to 0/1.
+The MSE is divided by the block's plain k-means MSE (the paper's lambda_d, set per block), so a loss of 1 means
+"no better than k-means" in every block and one `reg_weight` fits blocks whose outputs differ in scale.
 
 Hardening schedule: sub-vectors whose top ratio passes `freeze_threshold` are frozen to it as they get there;
 at `harden_at` (a fraction of the iterations) every remaining sub-vector takes its argmax, and the remaining
@@ -17,7 +19,7 @@ from vq4dit.quant.vq_linear import SoftVQLinear, VQLinear
 
 class BlockCalibration(L.LightningModule):
     def __init__(self, teacher: nn.Module, student: nn.Module, method: dict, block_index: int,
-                 eval_batch: tuple[torch.Tensor, ...]):
+                 eval_batch: tuple[torch.Tensor, ...], mse_scale: float = 1.0):
         super().__init__()
         self.teacher, self.student = teacher.requires_grad_(False), student.requires_grad_(False)
         self.m, self.block_index = method, block_index
@@ -25,7 +27,7 @@ class BlockCalibration(L.LightningModule):
         self.quantized = [m for m in student.modules() if isinstance(m, (SoftVQLinear, VQLinear))]
         for layer in self.quantized:
             layer.requires_grad_(True)
-        self.eval_batch = eval_batch
+        self.eval_batch, self.mse_scale = eval_batch, mse_scale
         self.harden_step = int(round(method["harden_at"] * method["iterations"])) if self.soft else None
         self.stats: dict[str, float] = {}
 
@@ -54,7 +56,7 @@ class BlockCalibration(L.LightningModule):
         x, t, y, target = batch
         mse = F.mse_loss(self(x, t, y), target)
         reg = self.regularizer()
-        loss = mse + self.reg_weight() * reg
+        loss = mse / self.mse_scale + self.reg_weight() * reg
         self.log("mse", mse, prog_bar=True, logger=False)
         if self.global_step % self.m["log_every"] == 0:
             self._log_curves(mse, reg)
@@ -92,7 +94,7 @@ class BlockCalibration(L.LightningModule):
     def _log_curves(self, mse, reg) -> None:
         if self.logger is None:
             return
-        metrics = {"calib/mse": mse.item(), "calib/loss": (mse + self.reg_weight() * reg).item(), "calib/block": self.block_index}
+        metrics = {"calib/mse": mse.item(), "calib/loss": (mse / self.mse_scale + self.reg_weight() * reg).item(), "calib/block": self.block_index}
         if self.soft:
             frozen = sum(int(layer.frozen.sum()) for layer in self.soft) / sum(len(layer.frozen) for layer in self.soft)
             metrics.update({"calib/regularizer": reg.item(), "calib/frozen_fraction": frozen,

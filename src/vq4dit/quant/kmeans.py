@@ -11,12 +11,14 @@ import math
 import torch
 
 
-def kmeans(points: torch.Tensor, k: int, iters: int = 100, seed: int = 0, chunk: int = 65536,
-           tol: float = 0.0) -> torch.Tensor:
+def kmeans(points: torch.Tensor, k: int, iters: int = 100, seed: int = 0, chunk: int = 8192,
+           tol: float = 1e-4, init_points: int = 64 * 1024, max_points: int | None = None) -> torch.Tensor:
     """A float32 (k, d) codebook for `points` (N, d), on the points' device.
 
-    Lloyd stops early once no assignment changes or, with tol > 0, once the inertia falls by less than
-    tol times its previous value.
+    The k-means++ seeding runs on a seeded subset of at most `init_points` points (its k sequential passes
+    dominate the cost on large layers). Lloyd uses every point, or a seeded subset of `max_points` (as faiss
+    caps points per centroid). It stops early once no assignment changes or once the inertia falls by less than
+    tol times its previous value. Cache-sized chunks are about twice as fast on CPU as large ones.
     """
     _check_points(points)
     n = points.shape[0]
@@ -27,7 +29,13 @@ def kmeans(points: torch.Tensor, k: int, iters: int = 100, seed: int = 0, chunk:
     mean = x.mean(0)
     x = x - mean
     gen = torch.Generator().manual_seed(seed)
-    centers = _greedy_kmeanspp(x, k, gen, chunk)
+    if max_points is not None and n > max(max_points, k):
+        x = x[torch.randperm(n, generator=gen)[: max(max_points, k)].to(x.device)]
+        n = len(x)
+    seeding = x
+    if n > max(init_points, k):
+        seeding = x[torch.randperm(n, generator=gen)[: max(init_points, k)].to(x.device)]
+    centers = _greedy_kmeanspp(seeding, k, gen, chunk)
     labels, previous_total = None, math.inf
     for _ in range(iters):
         idx, sq_dist = nearest(x, centers, 1, chunk)
@@ -49,7 +57,7 @@ def kmeans(points: torch.Tensor, k: int, iters: int = 100, seed: int = 0, chunk:
 
 
 def nearest(points: torch.Tensor, codebook: torch.Tensor, n: int = 1,
-            chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+            chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """The n nearest codewords of each point, nearest first: (Long indices (N, n), float32 squared distances)."""
     _check_points(points)
     k, d = codebook.shape
@@ -73,7 +81,7 @@ def nearest(points: torch.Tensor, codebook: torch.Tensor, n: int = 1,
     return indices, sq_dists
 
 
-def inertia(points: torch.Tensor, codebook: torch.Tensor, chunk: int = 65536) -> float:
+def inertia(points: torch.Tensor, codebook: torch.Tensor, chunk: int = 8192) -> float:
     """Sum of squared distances from each point to its nearest codeword (the k-means objective)."""
     return nearest(points, codebook, 1, chunk)[1].sum(dtype=torch.float64).item()
 

@@ -50,10 +50,11 @@ class VQLinear(nn.Module):
         return math.log2(self.k) / self.d
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, k: int, d: int, iters: int = 100, seed: int = 0) -> "VQLinear":
+    def from_linear(cls, linear: nn.Linear, k: int, d: int, iters: int = 100, seed: int = 0,
+                    max_points: int | None = None) -> "VQLinear":
         """Plain k-means VQ: k-means codebook on the layer's own sub-vectors, nearest-codeword codes."""
         points = subvectors(linear.weight, d)
-        codebook = kmeans(points, k, iters=iters, seed=seed)
+        codebook = kmeans(points, k, iters=iters, seed=seed, max_points=max_points)
         codes, _ = nearest(points, codebook, n=1)
         return cls(codes[:, 0], codebook, _bias(linear), linear.out_features, linear.in_features)
 
@@ -82,12 +83,12 @@ class SoftVQLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, k: int, d: int, n: int, ratio_init: str = "uniform",
-                    iters: int = 100, seed: int = 0) -> "SoftVQLinear":
+                    iters: int = 100, seed: int = 0, max_points: int | None = None) -> "SoftVQLinear":
         points = subvectors(linear.weight, d)
         if k > len(points):
             raise ValueError(f"k={k} is larger than the {len(points)} sub-vectors of a "
                              f"{linear.out_features}x{linear.in_features} layer at d={d}")
-        codebook = kmeans(points, k, iters=iters, seed=seed)
+        codebook = kmeans(points, k, iters=iters, seed=seed, max_points=max_points)
         candidates, sq_dist = nearest(points, codebook, n=n)
         if ratio_init == "uniform":  # the paper: every candidate starts at 1/n
             logits = torch.zeros_like(sq_dist)
