@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import save_file
 
 from vq4dit.errors import UserError
 
@@ -15,12 +16,12 @@ from vq4dit.errors import UserError
 def fresh(path: Path) -> Path:
     if path.exists():
         raise UserError(f"{path} already exists; earlier results are never overwritten (choose another folder)")
-    path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = fresh(path).with_name(path.name + ".tmp")
+    fresh(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
 
@@ -40,9 +41,17 @@ def image_grid(images: torch.Tensor, labels: torch.Tensor, columns: int, max_row
 
 
 def save_png(path: Path, array: np.ndarray, upscale: int = 1) -> None:
-    tmp = fresh(path).with_name(path.stem + ".tmp.png")
+    fresh(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
     image = Image.fromarray(array)
     if upscale > 1:
         image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
     image.save(tmp)
+    os.replace(tmp, path)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    fresh(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
     os.replace(tmp, path)

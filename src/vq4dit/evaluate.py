@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from vq4dit.artifacts import fresh, image_grid, save_png, write_json
+from vq4dit.artifacts import fresh, image_grid, save_png, save_tensors, write_json
 from vq4dit.errors import UserError, instantiate
 from vq4dit.metrics import psnr
 from vq4dit.models import ConditionalDiT
@@ -52,7 +52,7 @@ def evaluate(cfg: DictConfig) -> dict:
     write_json(out / "metrics.json", metrics)
     grid = image_grid(images, labels, cfg.grid_columns)
     save_png(out / "samples.png", grid, upscale=cfg.grid_upscale)
-    save_file({"images": images.half(), "labels": labels}, out / "samples.safetensors")
+    save_tensors(out / "samples.safetensors", {"images": images.half(), "labels": labels})
     logger = instantiate(cfg.logger)
     for k, v in metrics.items():
         if isinstance(v, float):
