@@ -22,7 +22,7 @@ from vq4dit.quantize import calibrate_block
 
 VARIANTS = {
     "defaults": [],
-    "harden at the end (paper, code)": ["method.harden_at=1.0"],
+    "harden at the end (paper and code)": ["method.harden_at=1.0"],
     "constant regulariser weight": ["method.reg_schedule=constant"],
     "reg_weight=0.01": ["method.reg_weight=0.01"],
     "reg_weight=1": ["method.reg_weight=1.0"],

@@ -25,9 +25,10 @@ def config(name: str, *overrides: str):
 
 
 def fresh_dir(path: Path) -> Path:
-    if path.exists():
+    """A results folder that holds nothing yet (an empty one left by a crashed run is fine)."""
+    if path.exists() and any(path.iterdir()):
         raise SystemExit(f"error: {path} already exists; earlier results are never overwritten (pass --out)")
-    path.mkdir(parents=True)
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 
