@@ -15,7 +15,7 @@ from vq4dit.quantize import calibrate_block
 
 def test_calibration_beats_plain_kmeans_on_a_reference_block(compose_cfg):
     """A real block of the shipped DiT at 2 bits: the hard block that ships is closer to the fp block than
-    plain k-means VQ, on held-out pool rows."""
+    plain k-means VQ, on fixed pool rows."""
     cfg = compose_cfg("train", "quant=w2", "method.iterations=100", "method.pool.trajectories=8",
                       "method.pool.size=320", "method.eval_rows=64", "sampler.steps=20",
                       "trainer.enable_progress_bar=false")
