@@ -21,6 +21,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
@@ -189,8 +190,6 @@ def save_block(path: Path, layers: dict[str, VQLinear], stats: dict) -> None:
 
 
 def load_block(path: Path, block) -> tuple[dict[str, VQLinear], dict]:
-    from safetensors import safe_open
-
     tensors = load_file(path)
     with safe_open(path, "pt") as f:
         stats = json.loads(f.metadata()["stats"])
