@@ -7,18 +7,38 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from vq4dit.methods import GPTQ, RTN, ClassicVQ, FitSettings, KMeansVQ, VQ4DiT
 from vq4dit.models import ConditionalDiT
+from vq4dit.quant.presets import UniformPreset, VQPreset
+from vq4dit.quantize import build_method
 
 
 @pytest.mark.parametrize("preset,bits", [("w2", 2), ("w3", 3), ("w4", 4)])
-def test_quant_presets_give_their_bits(compose_cfg, preset, bits):
+def test_vq_presets_give_their_bits(compose_cfg, preset, bits):
     cfg = compose_cfg("train", f"quant={preset}")
-    assert math.log2(cfg.quant.k) / cfg.quant.d == bits
+    quant = instantiate(cfg.quant)
+    assert isinstance(quant, VQPreset) and math.log2(cfg.quant.k) / cfg.quant.d == bits == quant.bits
+
+
+@pytest.mark.parametrize("preset,bits,group", [("w2g64", 2, 64), ("w3g64", 3, 64), ("w4g64", 4, 64),
+                                               ("w2pc", 2, None), ("w3pc", 3, None), ("w4pc", 4, None)])
+def test_uniform_presets_say_bits_and_groups(compose_cfg, preset, bits, group):
+    quant = instantiate(compose_cfg("train", "method=rtn", f"quant={preset}").quant)
+    assert quant == UniformPreset(bits=bits, group_size=group, symmetric=False, name=preset)
 
 
 def test_any_k_d_from_the_command_line(compose_cfg):
     cfg = compose_cfg("train", "quant.k=4096", "quant.d=8")
-    assert math.log2(cfg.quant.k) / cfg.quant.d == 1.5
+    assert instantiate(cfg.quant).bits == 1.5
+
+
+@pytest.mark.parametrize("method,cls,preset", [("rtn", RTN, "w4g64"), ("gptq", GPTQ, "w4g64"),
+                                               ("kmeans", KMeansVQ, "w3"), ("classic_vq", ClassicVQ, "w3"),
+                                               ("vq4dit", VQ4DiT, "w3")])
+def test_every_method_config_builds_its_method_with_its_default_preset(compose_cfg, method, cls, preset):
+    cfg = compose_cfg("train", f"method={method}")
+    built = build_method(cfg)
+    assert type(built) is cls and built.name == method and built.quant.name == preset
 
 
 def test_unknown_preset_fails_at_composition(compose_cfg):
@@ -26,11 +46,10 @@ def test_unknown_preset_fails_at_composition(compose_cfg):
         compose_cfg("train", "quant=w5")
 
 
-def test_methods_share_the_calibration_settings(compose_cfg):
-    vq4dit, classic, kmeans = (compose_cfg("train", f"method={m}").method for m in ("vq4dit", "classic_vq", "kmeans"))
-    assert (vq4dit.iterations, vq4dit.batch_size) == (500, 16)
-    assert classic.name == "classic_vq" and classic.lr_codebook == vq4dit.lr_codebook
-    assert kmeans.iterations == 0
+def test_fitting_methods_share_the_design_card_fit(compose_cfg):
+    fit = FitSettings(**compose_cfg("train").fit)
+    assert (fit.iterations, fit.batch_size) == (500, 16)
+    assert ClassicVQ.fits and VQ4DiT.fits and not (KMeansVQ.fits or RTN.fits or GPTQ.fits)
 
 
 def test_eval_needs_a_checkpoint(compose_cfg):

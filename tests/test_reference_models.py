@@ -5,31 +5,36 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+from vq4dit.calibration.block_data import BlockData
+from vq4dit.calibration.pipeline import default_trainer, quantize_block
+from vq4dit.calibration.zero_data import ZeroDataBlockInputs
 from vq4dit.errors import instantiate
 from vq4dit.evaluate import load_model, sample_and_score
-from vq4dit.quant.zero_data import ZeroDataBlockInputs
-from vq4dit.quantize import calibrate_block
+from vq4dit.methods import FitSettings
+from vq4dit.quantize import build_method
 
 
 def test_calibration_beats_plain_kmeans_on_a_reference_block(compose_cfg):
     """A real block of the shipped DiT at 2 bits: the hard block that ships is closer to the fp block than
-    plain k-means VQ, on fixed pool rows."""
-    cfg = compose_cfg("train", "quant=w2", "method.iterations=100", "method.pool.trajectories=8",
-                      "method.pool.size=320", "method.eval_rows=64", "sampler.steps=20",
-                      "trainer.enable_progress_bar=false")
+    plain k-means VQ, on held-out rows (trajectories calibration never saw)."""
+    cfg = compose_cfg("train", "quant=w2", "sampler.steps=20", "trainer.enable_progress_bar=false")
     model = instantiate(cfg.model)
-    pool = ZeroDataBlockInputs(model, instantiate(cfg.sampler), 8, 320, seed=0, progress=False)
-    assert len(pool) == 320  # 8 trajectories x 20 steps x (labels, null label)
-    pool.advance(model.blocks[0])
+    pool = ZeroDataBlockInputs(model, instantiate(cfg.sampler), 8, 320, seed=0, heldout_trajectories=4,
+                               heldout_size=64, progress=False)
+    assert (pool.num_train, len(pool)) == (320, 384)  # 8 trajectories x 20 steps x (labels, null label), + 64
+    device = torch.device("cpu")
+    pool.advance(model.blocks[0], device)
     block = model.blocks[1]
-    targets = pool.block_outputs(block)
-    eval_rows = torch.arange(256, 320)  # calibration draws from all rows; these are also scored
-    method = OmegaConf.to_container(cfg.method, resolve=True)
-    _, stats = calibrate_block(copy.deepcopy(block), 1, pool.hidden, pool, targets, eval_rows, 256, 4, method, cfg, False)
-    assert stats["soft_mse"] < stats["kmeans_mse"]
-    assert stats["hard_mse"] < 0.9 * stats["kmeans_mse"]  # 100 iterations here; the full 500 do far better
+    targets = pool.block_outputs(block, device)
+    rows = lambda part: (pool.hidden[part], pool.timesteps[part], pool.labels[part], targets[part])  # noqa: E731
+    data = BlockData(copy.deepcopy(block), 1, rows(pool.train_rows), rows(pool.heldout_rows), device, seed=0)
+    fit = FitSettings(iterations=100)
+    trainer = default_trainer(device, trainer=instantiate(cfg.trainer))
+    _, stats = quantize_block(build_method(cfg), data, fit, trainer)
+    assert stats["soft_mse"] < stats["start_mse"]
+    assert stats["kept"] == "method"
+    assert stats["shipped_mse"] < 0.9 * stats["start_mse"]  # 100 iterations here; the full 500 do far better
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ def test_vq_linear_forward_is_a_linear_with_the_dequantized_weight():
     assert w.shape == (32, 64)
     torch.testing.assert_close(layer(x), x @ w.T + layer.bias)
     assert layer.codes.dtype == torch.uint8 and layer.codes.numel() == 32 * 64 // 4
-    assert layer.bits_per_weight == 1.0
+    assert layer.code_bits_per_weight == 1.0
 
 
 def test_vq_linear_codes_are_the_nearest_codewords():
@@ -74,7 +74,7 @@ def test_regularizers_vanish_at_one_hot_and_peak_at_uniform():
 def test_to_hard_keeps_argmax_codes_and_rounds_the_codebook():
     soft = SoftVQLinear.from_linear(_linear(), k=16, d=2, n=2, iters=20)
     soft.logits.data.normal_()
-    hard = soft.to_hard(torch.float16)
+    hard = soft.to_hard()
     assert torch.equal(hard.codes.long(), soft.hard_codes())
     torch.testing.assert_close(hard.dequantize(), soft.hard_weight(), atol=1e-3, rtol=1e-3)
     assert torch.equal(hard.codebook, hard.codebook.half().float())

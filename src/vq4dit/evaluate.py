@@ -13,6 +13,7 @@ from vq4dit.metrics import psnr
 from vq4dit.models import ConditionalDiT
 from vq4dit.quant.checkpoint import is_quantized_checkpoint, load_quantized
 from vq4dit.sampling import balanced_labels
+from vq4dit.seeds import stream_seed
 
 log = logging.getLogger(__name__)
 OUTPUTS = ("metrics.json", "samples.png", "samples.safetensors")
@@ -26,12 +27,17 @@ def load_model(model_cfg: DictConfig, ckpt: str) -> ConditionalDiT:
     return instantiate(model_cfg, weights=str(path))
 
 
+def eval_samples(cfg: DictConfig, model: ConditionalDiT) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images in [-1, 1], labels): `num_samples` balanced over classes, from the "eval" noise stream."""
+    labels = balanced_labels(cfg.num_samples, model.num_classes)
+    images = instantiate(cfg.sampler).sample(model.to(cfg.device), labels, seed=stream_seed(cfg.seed, "eval"))
+    return images, labels
+
+
 def sample_and_score(cfg: DictConfig, model: ConditionalDiT, compare_to: torch.Tensor | None = None):
     """(images in [-1, 1], labels, metrics): the eval protocol, shared by eval.py and the benchmarks."""
-    sampler = instantiate(cfg.sampler)
     scorer = instantiate(cfg.metric)
-    labels = balanced_labels(cfg.num_samples, model.num_classes)
-    images = sampler.sample(model.to(cfg.device), labels, seed=cfg.seed)
+    images, labels = eval_samples(cfg, model)
     metrics = {"model": model.name, **scorer.score(images, labels, seed=cfg.seed)}
     if compare_to is not None:
         if compare_to.shape != images.shape:

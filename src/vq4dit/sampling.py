@@ -1,7 +1,8 @@
 """Class-conditional sampling with classifier-free guidance on diffusers' schedulers.
 
 Noise comes from CPU generators seeded per run, so a fixed seed gives the same images on any device and on
-re-run. Guidance follows the original DiT: the model sees the batch twice (labels, then the null label) and only
+re-run; callers pass a seed derived for their purpose (`vq4dit.seeds`), so evaluation and calibration never share
+noise. Guidance follows the original DiT: the model sees the batch twice (labels, then the null label) and only
 the first `guided_channels` output channels are mixed; the other channels (and a learned variance) keep the
 conditional prediction.
 """
@@ -14,6 +15,7 @@ from diffusers import SchedulerMixin
 from tqdm.auto import tqdm
 
 from vq4dit.models import ConditionalDiT
+from vq4dit import seeds
 
 # called at every denoising step with the exact model input: (x_t, t, labels), CFG-doubled when guiding
 StepHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -36,7 +38,7 @@ class Sampler:
         out = []
         for b, start in enumerate(batches):
             stop = start + self.batch_size
-            step_noise = torch.Generator().manual_seed(seed * 100_003 + b + 1)
+            step_noise = seeds.generator(seed, f"step-noise-{b}")
             x = self._denoise(model, noise[start:stop], labels[start:stop], step_noise, on_step, bar)
             out.append((model.decode(x) if decode else x).float().cpu())
         bar.close()

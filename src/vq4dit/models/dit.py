@@ -34,6 +34,11 @@ class ConditionalDiT(nn.Module):
         self.vae = vae
         self.latent_scale = latent_scale
 
+    @classmethod
+    def of(cls, model: "ConditionalDiT | DiTTransformer2DModel", name: str = "dit") -> "ConditionalDiT":
+        """The project's model around a plain diffusers DiT (guiding every channel), or `model` itself."""
+        return model if isinstance(model, ConditionalDiT) else cls(model, name).eval()
+
     @property
     def num_classes(self) -> int:
         return self.transformer.config.num_embeds_ada_norm
@@ -60,6 +65,14 @@ class ConditionalDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.transformer(x, timestep=t, class_labels=y, return_dict=False)[0]
+
+    def config_record(self) -> dict:
+        """A `load_dit` config that rebuilds this architecture (without weights, VAE or its path)."""
+        arch = {k: v for k, v in self.transformer.config.items() if not k.startswith("_")}
+        shift = self.blocks[0].norm1.emb.time_proj.downscale_freq_shift
+        return {"_target_": "vq4dit.models.load_dit", "name": self.name, "weights": None, "arch": arch,
+                "timestep_shift": shift, "guided_channels": self.guided_channels, "vae": None,
+                "latent_scale": self.latent_scale}
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:

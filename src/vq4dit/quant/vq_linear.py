@@ -6,7 +6,8 @@ sub-vector is replaced by a codeword of a per-layer codebook (k x d), so a weigh
 `SoftVQLinear` is VQ4DiT's calibration state: every sub-vector holds n candidate codewords (its n nearest) and a
 softmax over n learnable logits mixes them; confident sub-vectors are frozen to their best candidate.
 `VQLinear` is the deployment state: one hard code per sub-vector, the codebook and the bias. Only the second is
-saved; its `dequantize()` is the reference path the checkpoint and tests check against.
+saved (codes bit-packed to ceil(log2 k) bits, the codebook in fp16, the bias in fp32); its `dequantize()` is the
+reference path the checkpoint and tests check against.
 """
 
 import math
@@ -16,7 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from vq4dit.quant.kmeans import kmeans, nearest
-from vq4dit.quant.packing import smallest_code_dtype
+from vq4dit.quant.packing import code_bits, pack_codes, smallest_code_dtype, unpack_codes
+from vq4dit.quant.quantized_linear import QuantizedLinear, linear_bias
+
+CODEBOOK_DTYPE = torch.float16  # how codebooks are stored
 
 
 def subvectors(weight: torch.Tensor, d: int) -> torch.Tensor:
@@ -26,16 +30,16 @@ def subvectors(weight: torch.Tensor, d: int) -> torch.Tensor:
     return weight.detach().float().reshape(-1, d)
 
 
-class VQLinear(nn.Module):
+class VQLinear(QuantizedLinear):
     """Hard codes (smallest integer dtype), a codebook and a full-precision bias."""
+
+    layer_type = "vq"
 
     def __init__(self, codes: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor | None,
                  out_features: int, in_features: int):
-        super().__init__()
-        self.out_features, self.in_features = out_features, in_features
+        super().__init__(out_features, in_features, bias)
         self.register_buffer("codes", codes.to(smallest_code_dtype(len(codebook))))
         self.codebook = nn.Parameter(codebook)
-        self.bias = nn.Parameter(bias) if bias is not None else None
 
     @property
     def k(self) -> int:
@@ -46,7 +50,7 @@ class VQLinear(nn.Module):
         return self.codebook.shape[1]
 
     @property
-    def bits_per_weight(self) -> float:
+    def code_bits_per_weight(self) -> float:
         return math.log2(self.k) / self.d
 
     @classmethod
@@ -56,16 +60,32 @@ class VQLinear(nn.Module):
         points = subvectors(linear.weight, d)
         codebook = kmeans(points, k, iters=iters, seed=seed, max_points=max_points)
         codes, _ = nearest(points, codebook, n=1)
-        return cls(codes[:, 0], codebook, _bias(linear), linear.out_features, linear.in_features)
+        return cls(codes[:, 0], codebook, linear_bias(linear), linear.out_features, linear.in_features)
 
     def dequantize(self) -> torch.Tensor:
         return F.embedding(self.codes.long(), self.codebook).reshape(self.out_features, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+    @torch.no_grad()
+    def rounded(self) -> "VQLinear":
+        """A copy whose codebook holds exactly what the checkpoint stores (fp16 values)."""
+        bias = None if self.bias is None else self.bias.detach().clone()
+        return VQLinear(self.codes.clone(), self.codebook.detach().to(CODEBOOK_DTYPE).float(), bias,
+                        self.out_features, self.in_features)
+
+    def stored(self) -> tuple[dict[str, torch.Tensor], dict]:
+        bits = code_bits(self.k)
+        tensors = {"codes_packed": pack_codes(self.codes.reshape(-1), bits),
+                   "codebook": self.codebook.detach().to(CODEBOOK_DTYPE), **self._stored_bias()}
+        return tensors, self._record(k=self.k, d=self.d, code_bits=bits, num_codes=self.codes.numel())
+
+    @classmethod
+    def from_stored(cls, tensors: dict[str, torch.Tensor], record: dict) -> "VQLinear":
+        out_features, in_features = record["shape"]
+        codes = unpack_codes(tensors["codes_packed"], record["code_bits"], record["num_codes"])
+        return cls(codes, tensors["codebook"].float(), tensors.get("bias"), out_features, in_features)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}->{self.out_features}, k={self.k}, d={self.d}, {self.bits_per_weight:g} bits"
+        return f"{self.in_features}->{self.out_features}, k={self.k}, d={self.d}, {self.code_bits_per_weight:g} bits"
 
 
 class SoftVQLinear(nn.Module):
@@ -89,6 +109,14 @@ class SoftVQLinear(nn.Module):
             raise ValueError(f"k={k} is larger than the {len(points)} sub-vectors of a "
                              f"{linear.out_features}x{linear.in_features} layer at d={d}")
         codebook = kmeans(points, k, iters=iters, seed=seed, max_points=max_points)
+        return cls.from_codebook(linear, codebook, n, ratio_init)
+
+    @classmethod
+    def from_codebook(cls, linear: nn.Linear, codebook: torch.Tensor, n: int,
+                      ratio_init: str = "uniform") -> "SoftVQLinear":
+        """Candidates are the n codewords nearest each sub-vector of `linear`, nearest first."""
+        points = subvectors(linear.weight, codebook.shape[1])
+        codebook = codebook.detach().float().clone()
         candidates, sq_dist = nearest(points, codebook, n=n)
         if ratio_init == "uniform":  # the paper: every candidate starts at 1/n
             logits = torch.zeros_like(sq_dist)
@@ -96,13 +124,12 @@ class SoftVQLinear(nn.Module):
             logits = -torch.log(sq_dist.sqrt() + 1e-8)
         else:
             raise ValueError(f"ratio_init={ratio_init!r}; valid: uniform, inverse_distance")
-        return cls(codebook, candidates, logits, _bias(linear), linear.out_features, linear.in_features)
+        return cls(codebook, candidates, logits, linear_bias(linear), linear.out_features, linear.in_features)
 
     def ratios(self) -> torch.Tensor:
         """Softmax ratios; frozen sub-vectors are one-hot on their best candidate."""
         soft = self.logits.softmax(dim=1)
-        if not self.frozen.any():
-            return soft
+        # no `if frozen.any()` shortcut: it would read a device value back to the host every forward
         hard = F.one_hot(self.logits.argmax(dim=1), soft.shape[1]).to(soft.dtype)
         return torch.where(self.frozen[:, None], hard, soft)
 
@@ -142,12 +169,7 @@ class SoftVQLinear(nn.Module):
         return -(r * r.clamp_min(1e-12).log()).sum(dim=1).mean()
 
     @torch.no_grad()
-    def to_hard(self, codebook_dtype: torch.dtype = torch.float16) -> VQLinear:
+    def to_hard(self) -> VQLinear:
         """The deployment layer: argmax codes, the codebook rounded to its storage dtype."""
         bias = None if self.bias is None else self.bias.detach().clone()
-        return VQLinear(self.hard_codes(), self.codebook.detach().to(codebook_dtype).float(), bias,
-                        self.out_features, self.in_features)
-
-
-def _bias(linear: nn.Linear) -> torch.Tensor | None:
-    return None if linear.bias is None else linear.bias.detach().float().clone()
+        return VQLinear(self.hard_codes(), self.codebook.detach(), bias, self.out_features, self.in_features).rounded()

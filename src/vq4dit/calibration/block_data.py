@@ -1,0 +1,67 @@
+"""What one block's quantization sees: the full-precision block, its pool rows and targets, and the device.
+
+Training rows are what calibration may use (fitting, Hessians, statistics); held-out rows, from trajectories of
+their own, only score blocks. Rows live in host memory and are streamed to `device` chunk by chunk; every tensor
+a step touches is moved to `device` explicitly, never to wherever a module happens to be.
+"""
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vq4dit.quant.block_layers import replace_layer
+
+Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # block input, timestep, label, fp output
+
+
+@dataclass
+class BlockData:
+    block: nn.Module           # the full-precision block (on `device`); its outputs on the rows are the targets
+    index: int
+    train: Rows
+    heldout: Rows
+    device: torch.device
+    seed: int
+    chunk: int = 256
+
+    def layer_seed(self, j: int) -> int:
+        return self.seed + 1000 * self.index + j
+
+    @torch.no_grad()
+    def heldout_mse(self, block: nn.Module, device: torch.device | None = None) -> torch.Tensor:
+        """Mean squared error of `block`'s outputs against the fp block's on the held-out rows (a 0-d tensor on
+        `device`, default this block's device)."""
+        device = device or self.device
+        x, t, y, target = self.heldout
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for i in range(0, len(x), self.chunk):
+            rows = slice(i, i + self.chunk)
+            out = block(x[rows].to(device), timestep=t[rows].to(device), class_labels=y[rows].to(device))
+            total += (out.float() - target[rows].to(device).float()).square().sum(dtype=torch.float64)
+        return total / target.numel()
+
+    @torch.no_grad()
+    def observe_inputs(self, names: list[str], observe: Callable[[str, torch.Tensor], None]) -> None:
+        """Run the fp block over the training rows; `observe(name, x)` receives the input of every named linear."""
+        hooks = [self.block.get_submodule(name).register_forward_pre_hook(
+            lambda _, args, name=name: observe(name, args[0])) for name in names]
+        try:
+            x, t, y, _ = self.train
+            for i in range(0, len(x), self.chunk):
+                rows = slice(i, i + self.chunk)
+                self.block(x[rows].to(self.device), timestep=t[rows].to(self.device),
+                           class_labels=y[rows].to(self.device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+
+def with_layers(block: nn.Module, layers: dict[str, nn.Module]) -> nn.Module:
+    """A copy of `block` whose named linears are `layers` (the layers themselves, not copies)."""
+    copied = copy.deepcopy(block)
+    for name, layer in layers.items():
+        replace_layer(copied, name, layer)
+    return copied

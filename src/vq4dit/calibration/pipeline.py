@@ -1,0 +1,136 @@
+"""The block loop: quantize a DiT block by block against its own full-precision blocks, with any method.
+
+For each block: the pool's inputs go through the fp block once (its outputs are the targets and the next
+block's inputs); the method starts, prepares, optionally fits (one Lightning `Trainer.fit` on the block loss) and
+finalizes the block's linears; the result is kept only if it beats the start on held-out rows; the deployed
+layers replace the block's linears. A `BlockCache` keeps finished blocks, so an interrupted run resumes at the
+first unfinished block. The loop never asks which method it runs.
+"""
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import lightning as L
+import torch
+from diffusers import DiTTransformer2DModel
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from tqdm.auto import tqdm
+
+from vq4dit.calibration.block_calibration import BlockCalibration
+from vq4dit.calibration.block_cache import BlockCache
+from vq4dit.calibration.block_data import BlockData, with_layers
+from vq4dit.calibration.zero_data import ZeroDataBlockInputs
+from vq4dit.errors import UserError
+from vq4dit.methods.base import FitSettings, Method
+from vq4dit.models import ConditionalDiT
+from vq4dit.quant.block_layers import block_linears, replace_layer
+from vq4dit.quant.quantized_linear import QuantizedLinear
+from vq4dit.seeds import generator
+
+log = logging.getLogger(__name__)
+TrainerFactory = Callable[..., L.Trainer]  # called with max_steps; returns the Trainer for one block's fit
+STUDENT_INPUTS = ("fp", "quantized")
+
+
+@dataclass
+class QuantizationResult:
+    model: ConditionalDiT
+    blocks: list[dict] = field(default_factory=list)  # per block: start / shipped held-out MSE, which was kept
+    seconds: float = 0.0
+
+
+def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method, pool: ZeroDataBlockInputs, *,
+                   device: str | torch.device | None = None, seed: int = 0, fit: FitSettings | None = None,
+                   student_inputs: str = "fp", cache: BlockCache | None = None,
+                   trainer: TrainerFactory | None = None, logger=None, progress: bool = True) -> QuantizationResult:
+    """Quantize every block of `model` in place with `method`, calibrating on `pool`; returns the model and
+    per-block statistics. `device` defaults to the model's; `trainer` builds the Lightning Trainer of a block's
+    fit (default: `default_trainer(device, logger)`), `logger` receives the curves."""
+    check_student_inputs(student_inputs)
+    model = ConditionalDiT.of(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    fit = fit or FitSettings()
+    method.check(block_linears(model.blocks[0]))
+    make_trainer = trainer or default_trainer(device, logger)
+    start = time.time()
+    student_hidden = pool.hidden.clone() if student_inputs == "quantized" else None
+    result = QuantizationResult(model)
+    for i in tqdm(range(len(model.blocks)), desc="blocks", disable=not progress):
+        block = model.blocks[i]
+        targets = pool.block_outputs(block, device)
+        inputs = pool.hidden if student_hidden is None else student_hidden
+        rows = lambda part: (inputs[part], pool.timesteps[part], pool.labels[part], targets[part])  # noqa: E731
+        data = BlockData(block, i, rows(pool.train_rows), rows(pool.heldout_rows), device, seed)
+        cached = cache.load(i) if cache is not None else None
+        if cached is not None:
+            layers, stats = cached
+            log.info("block %d: resumed from %s", i, cache.folder)
+        else:
+            layers, stats = quantize_block(method, data, fit, make_trainer)
+            if cache is not None:
+                cache.save(i, layers, stats)
+        for name, layer in layers.items():
+            replace_layer(block, name, layer.to(device))
+        result.blocks.append(stats)
+        if logger is not None:
+            for key in ("start_mse", "soft_mse", "hard_mse_at_harden", "method_mse", "shipped_mse"):
+                if key in stats:
+                    logger.experiment.add_scalar(f"block_mse/{key}", stats[key], i)
+        if student_hidden is not None:
+            student_hidden = pool.block_outputs(block, device, student_hidden)
+        pool.hidden = targets
+    result.seconds = time.time() - start
+    return result
+
+
+def check_student_inputs(student_inputs: str) -> None:
+    if student_inputs not in STUDENT_INPUTS:
+        raise UserError(f"pool.student_inputs={student_inputs}; valid: {', '.join(STUDENT_INPUTS)}")
+
+
+def quantize_block(method: Method, data: BlockData, fit: FitSettings,
+                   make_trainer: TrainerFactory) -> tuple[dict[str, QuantizedLinear], dict]:
+    """One block: start, prepare, fit (if the method fits), finalize; the better of start and result on the
+    held-out rows is returned with the block's statistics."""
+    L.seed_everything(data.seed + data.index, workers=True, verbose=False)
+    linears = block_linears(data.block)
+    start = method.start(linears, data)
+    start_mse = data.heldout_mse(with_layers(data.block, start)).item()
+    stats = {"block": data.index, "start_mse": start_mse}
+    layers = method.prepare(linears, start, data)
+    if method.fits:
+        student = with_layers(data.block, layers)
+        module = BlockCalibration(student, layers, method, fit, data, mse_scale=max(start_mse, 1e-12))
+        loader = DataLoader(TensorDataset(*data.train), batch_size=fit.batch_size, sampler=RandomSampler(
+            range(len(data.train[0])), replacement=True, num_samples=fit.iterations * fit.batch_size,
+            generator=generator(data.seed + data.index, "calibration-batches")))
+        make_trainer(max_steps=fit.iterations).fit(module, loader)
+        stats.update(module.stats)
+        # Lightning's teardown leaves the fitted module on the CPU: bring the layers back to the block's device
+        layers = {name: layer.to(data.device) for name, layer in layers.items()}
+    final = {name: method.finalize(layer).to(data.device) for name, layer in layers.items()}
+    if all(final[name] is start[name] for name in final):  # the method is its own start (RTN, k-means)
+        stats.update(shipped_mse=start_mse, kept="start")
+        return final, stats
+    method_mse = data.heldout_mse(with_layers(data.block, final)).item()
+    kept = "method" if method_mse <= start_mse else "start"
+    stats.update(method_mse=method_mse, shipped_mse=min(method_mse, start_mse), kept=kept)
+    if kept == "start":
+        log.warning("block %d: %s result (held-out MSE %.3g) is worse than its start (%.3g); shipping the start",
+                    data.index, method.name, method_mse, start_mse)
+    return (final if kept == "method" else start), stats
+
+
+def default_trainer(device: torch.device, logger=None, trainer: TrainerFactory | None = None) -> TrainerFactory:
+    """Trainers for block fits on `device` (cuda:1 included): no checkpoints, no validation. `trainer` is a
+    partial of `lightning.Trainer` with further settings (configs/trainer/)."""
+    base = trainer or partial(L.Trainer, enable_model_summary=False, log_every_n_steps=50)
+    accelerator = "cpu" if device.type == "cpu" else "gpu" if device.type == "cuda" else device.type
+    devices = [device.index] if device.index is not None else 1
+    settings = dict(accelerator=accelerator, devices=devices, logger=logger if logger is not None else False,
+                    enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0)
+    return lambda **kwargs: base(**settings, **kwargs)
+

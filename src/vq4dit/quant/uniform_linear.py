@@ -1,0 +1,134 @@
+"""Uniform (scalar) integer quantization of a linear layer's weight, per output channel or in groups along the
+input dimension, and the deployed layer that holds it.
+
+Asymmetric min-max: a group's range [min(w, 0), max(w, 0)] is cut into 2^b - 1 steps, scale s = range / (2^b - 1),
+integer zero point z = round(-min / s), codes q = clamp(round(w / s) + z, 0, 2^b - 1), weight (q - z) * s. The
+range includes 0, so z is an integer in [0, 2^b - 1] and exact zeros stay exact (as in GPTQ's reference
+quantizer). Symmetric: s = max|w| / (2^(b-1) - 1), q in [-(2^(b-1) - 1), 2^(b-1) - 1] (stored shifted to
+unsigned), no zero point. Scales are rounded to fp16, the dtype they are stored in, before any code is chosen,
+so the deployed layer computes exactly what the quantizer measured.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vq4dit.quant.packing import pack_codes, unpack_codes
+from vq4dit.quant.quantized_linear import QuantizedLinear, linear_bias
+
+SCALE_DTYPE = torch.float16
+
+
+@dataclass(frozen=True)
+class UniformGrid:
+    """Scale and zero point of each (row, group) of a weight, for `bits`-bit codes."""
+
+    scale: torch.Tensor  # (out, groups) float32 holding fp16 values
+    zero: torch.Tensor   # (out, groups) float32 holding integers
+    bits: int
+    symmetric: bool
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+
+def fit_grid(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype = SCALE_DTYPE) -> UniformGrid:
+    """The grid of every row of `w` (out, width) taken as one group: (out, 1) scales and zeros. Scales hold
+    values of `scale_dtype` (the storage dtype; float32 only to compare with simulation-only references)."""
+    w = w.float()
+    if symmetric:
+        half = (1 << (bits - 1)) - 1
+        scale = _representable(w.abs().amax(dim=1, keepdim=True) / half, scale_dtype)
+        return UniformGrid(scale, torch.full_like(scale, half), bits, True)
+    low = w.amin(dim=1, keepdim=True).clamp(max=0)
+    high = w.amax(dim=1, keepdim=True).clamp(min=0)
+    qmax = (1 << bits) - 1
+    scale = _representable((high - low) / qmax, scale_dtype)
+    zero = torch.round(-low / scale).clamp(0, qmax)
+    return UniformGrid(scale, zero, bits, False)
+
+
+def _representable(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Scales as stored, never 0 (an all-zero group keeps scale 1 and codes at the zero point)."""
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale.clamp(min=torch.finfo(dtype).smallest_normal).to(dtype).float()
+
+
+def encode(w: torch.Tensor, grid: UniformGrid) -> torch.Tensor:
+    """Integer codes (as float) of `w` (out, width) on a grid with (out, 1) or (out, width) scales."""
+    high = grid.qmax if not grid.symmetric else 2 * ((1 << (grid.bits - 1)) - 1)
+    return torch.clamp(torch.round(w / grid.scale) + grid.zero, 0, high)
+
+
+def decode(q: torch.Tensor, grid: UniformGrid) -> torch.Tensor:
+    return (q - grid.zero) * grid.scale
+
+
+def group_width(in_features: int, group_size: int | None) -> int:
+    return in_features if group_size is None else group_size
+
+
+def round_to_nearest(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> tuple[torch.Tensor, UniformGrid]:
+    """RTN: (codes (out, in), grid with (out, groups) scales/zeros), every group fitted to its own min and max."""
+    out_features, in_features = w.shape
+    g = group_width(in_features, group_size)
+    groups = w.float().reshape(out_features * (in_features // g), g)
+    grid = fit_grid(groups, bits, symmetric)
+    q = encode(groups, grid).reshape(out_features, in_features)
+    return q, UniformGrid(grid.scale.reshape(out_features, -1), grid.zero.reshape(out_features, -1), bits, symmetric)
+
+
+class UniformLinear(QuantizedLinear):
+    """Integer codes (uint8 in memory, bit-packed on disk), per-(row, group) fp16 scales and integer zeros."""
+
+    layer_type = "uniform"
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int | None,
+                 symmetric: bool, bias: torch.Tensor | None):
+        out_features, in_features = codes.shape
+        super().__init__(out_features, in_features, bias)
+        if in_features % group_width(in_features, group_size):
+            raise ValueError(f"group size {group_size} does not divide the input width {in_features}")
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.register_buffer("codes", codes.to(torch.uint8))
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("zero", zero.float())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None, symmetric: bool) -> "UniformLinear":
+        q, grid = round_to_nearest(linear.weight.detach(), bits, group_size, symmetric)
+        return cls(q, grid.scale, grid.zero, bits, group_size, symmetric, linear_bias(linear))
+
+    def grid(self) -> UniformGrid:
+        """Scales and zeros expanded to every input column."""
+        g = group_width(self.in_features, self.group_size)
+        return UniformGrid(self.scale.repeat_interleave(g, dim=1), self.zero.repeat_interleave(g, dim=1),
+                           self.bits, self.symmetric)
+
+    def dequantize(self) -> torch.Tensor:
+        return decode(self.codes.float(), self.grid())
+
+    def stored(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {"codes_packed": pack_codes(self.codes.reshape(-1), self.bits),
+                   "scale": self.scale.to(SCALE_DTYPE), **self._stored_bias()}
+        if not self.symmetric:
+            tensors["zero_packed"] = pack_codes(self.zero.reshape(-1).to(torch.uint8), self.bits)
+        return tensors, self._record(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
+                                     groups=self.scale.shape[1])
+
+    @classmethod
+    def from_stored(cls, tensors: dict[str, torch.Tensor], record: dict) -> "UniformLinear":
+        (out_features, in_features), bits, groups = record["shape"], record["bits"], record["groups"]
+        codes = unpack_codes(tensors["codes_packed"], bits, out_features * in_features).reshape(out_features, in_features)
+        scale = tensors["scale"].float()
+        if record["symmetric"]:
+            zero = torch.full_like(scale, (1 << (bits - 1)) - 1)
+        else:
+            zero = unpack_codes(tensors["zero_packed"], bits, out_features * groups).reshape(out_features, groups)
+        return cls(codes, scale, zero, bits, record["group_size"], record["symmetric"], tensors.get("bias"))
+
+    def extra_repr(self) -> str:
+        groups = "per channel" if self.group_size is None else f"group {self.group_size}"
+        return f"{self.in_features}->{self.out_features}, {self.bits} bits, {groups}, {'sym' if self.symmetric else 'asym'}"
