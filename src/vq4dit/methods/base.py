@@ -54,6 +54,7 @@ class Method:
     name: ClassVar[str]
     family: ClassVar[str]          # the preset family this method accepts ("vq" or "uniform")
     fits: ClassVar[bool] = False   # whether prepared layers are trained on the block loss
+    seeded: ClassVar[bool] = True  # whether the result depends on the seed (its pool, its k-means start)
     quant: object                  # the preset (a dataclass field of every subclass)
 
     def __post_init__(self):

@@ -15,6 +15,7 @@ class RTN(Method):
     quant: UniformPreset
     name = "rtn"
     family = "uniform"
+    seeded = False
 
     def start(self, linears: dict[str, nn.Linear], data) -> dict[str, UniformLinear]:
         q = self.quant

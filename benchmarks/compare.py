@@ -1,0 +1,190 @@
+"""The side-by-side table: every method on the reference digits DiT with one sampler, one eval seed and one
+sample count. Per row: FID (with the real-vs-real floor), class accuracy and PSNR against the fp model's samples
+from the same noise, each as mean +- sd over calibration seeds; the eval-noise sd of FID (bootstrap over the
+samples); bits per weight and bytes counted from the checkpoint file; calibration wall time. Every row is cached
+under logs/benchmark/compare-rows/ (keyed by its settings), so the table can be built over several sittings;
+it writes results.md, results.json and samples.png (a sample per class for every row, same noise).
+
+    python benchmarks/compare.py                                         # -> benchmarks/results/compare/
+    python benchmarks/compare.py --rows rtn-w4g64,vq4dit-w2 --seeds 0 --num-samples 100 --out /tmp/quick
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from harness import ROOT, config, fresh_dir, labelled_rows, write_results
+from vq4dit.errors import instantiate
+from vq4dit.evaluate import load_model, sample_and_score
+from vq4dit.quant.checkpoint import TENSORS, load_quantized, read_manifest
+from vq4dit.quantize import build_method, quantize
+
+ROWS = ["rtn-w4pc", "rtn-w4g64", "gptq-w4pc", "gptq-w4g64", "kmeans-w4", "classic_vq-w4", "vq4dit-w4",
+        "rtn-w3pc", "rtn-w3g64", "gptq-w3pc", "gptq-w3g64", "kmeans-w3", "classic_vq-w3", "vq4dit-w3",
+        "rtn-w2pc", "rtn-w2g64", "gptq-w2pc", "gptq-w2g64", "kmeans-w2", "classic_vq-w2", "vq4dit-w2"]
+CACHE = ROOT / "logs" / "benchmark" / "compare-rows"
+COLLAPSE = "class accuracy below 0.5 or FID above 5x the fp model's"
+
+
+def overrides_for(row: str) -> list[str]:
+    """`<method>-<quant preset>[-<act preset>]` -> train.py overrides."""
+    method, quant, *act = row.split("-")
+    return [f"method={method}", f"quant={quant}", *(f"act={a}" for a in act)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated <method>-<preset>[-<act>]")
+    p.add_argument("--seeds", default="0,1,2", help="calibration seeds (methods whose result depends on one)")
+    p.add_argument("--num-samples", type=int, default=500)
+    p.add_argument("--bootstrap", type=int, default=200, help="resamples for FID's eval-noise sd")
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/compare"))
+    p.add_argument("--only-cache", action="store_true", help="run the rows (filling the cache), write no table")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: reproducible, shares the cores)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows, seeds = args.rows.split(","), [int(s) for s in args.seeds.split(",")]
+    out = None if args.only_cache else fresh_dir(Path(args.out))
+    eval_cfg = config("eval", f"ckpt={ROOT / 'data/dit_digits'}", f"num_samples={args.num_samples}",
+                      f"paths.output_dir={CACHE / 'eval'}")
+    scorer = instantiate(eval_cfg.metric)
+    fp = run_fp(eval_cfg, scorer, args.bootstrap)
+    results = {"fp32": [fp]}
+    for row in rows:
+        method_seeds = seeds if build_method(config("train", *overrides_for(row))).seeded else seeds[:1]
+        results[row] = [run_row(row, seed, eval_cfg, scorer, fp, args.bootstrap) for seed in method_seeds]
+        print(row_md(row, results[row], fp), flush=True)
+    if out is None:
+        return
+    summary = {name: summarize(runs) for name, runs in results.items()}
+    figure = [(name, load_file(runs[0]["samples"])["images"].float()) for name, runs in results.items()]
+    labelled_rows(figure, load_file(fp["samples"])["labels"]).save(out / "samples.png")
+    setup = {"command": "python benchmarks/compare.py" + ("" if args.rows == ",".join(ROWS) else f" --rows {args.rows}"),
+             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "num_samples": args.num_samples,
+             "calibration_seeds": seeds, "eval_seed": eval_cfg.seed, "threads": torch.get_num_threads(),
+             "sampler": "DDPM 100 steps, guidance 2 (configs/sampler/ddpm.yaml)", "collapse": COLLAPSE}
+    lines = [f"Command: `{setup['command']}` ({setup['date']}, {setup['threads']} CPU threads). {args.num_samples} "
+             f"samples per run, {setup['sampler']}, eval seed {eval_cfg.seed}; calibration seeds {args.seeds} "
+             f"(mean +- sd over them; one run where the result does not depend on the seed). FID on the digits "
+             f"classifier's features; real-vs-real floor at this sample count {fp['fid_floor']:.2f}; 'eval sd' is "
+             "FID's bootstrap sd over the samples of one run. Collapse (x): " + COLLAPSE + ".", "",
+             "| row | bits/weight (file) | FID | eval sd | class acc. | PSNR vs fp (dB) | checkpoint KiB | calibration s |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [row_md(name, runs, fp) for name, runs in results.items()]
+    write_results(out, [{"row": name, **summary[name], "runs": runs} for name, runs in results.items()],
+                  "\n".join(lines), setup)
+    print((out / "results.md").read_text())
+
+
+def run_fp(eval_cfg, scorer, reps: int) -> dict:
+    folder = CACHE / f"fp32-{_digest(['fp32'], 0, eval_cfg)}"
+    if (folder / "row.json").exists():
+        return json.loads((folder / "row.json").read_text())
+    model = load_model(eval_cfg.model, eval_cfg.ckpt)
+    images, labels, metrics = sample_and_score(eval_cfg, model)
+    params = sum(p.numel() for p in model.transformer.parameters())
+    row = {**metrics, "fid_eval_sd": fid_bootstrap_sd(scorer, images, reps), "bits": 32.0,
+           "checkpoint_bytes": 4 * params, "calibration_s": None}
+    return _store(folder, row, images, labels)
+
+
+def run_row(row: str, seed: int, eval_cfg, scorer, fp: dict, reps: int) -> dict:
+    folder = CACHE / f"{row}-s{seed}-{_digest(overrides_for(row), seed, eval_cfg)}"
+    if (folder / "row.json").exists():
+        return json.loads((folder / "row.json").read_text())
+    shutil.rmtree(folder, ignore_errors=True)  # a row interrupted before its row.json: start it again
+    cfg = config("train", *overrides_for(row), f"seed={seed}", f"paths.output_dir={folder / 'train'}",
+                 f"paths.log_dir={folder / 'logs'}", "resume=false", "log_samples=0", "trainer.enable_progress_bar=false")
+    start = time.time()
+    ckpt = quantize(cfg)
+    wall = time.time() - start
+    manifest = read_manifest(ckpt)
+    images, labels, metrics = sample_and_score(eval_cfg, load_quantized(ckpt, cfg.model),
+                                               compare_to=load_file(fp["samples"])["images"].float())
+    blocks = manifest["blocks"]
+    result = {**metrics, "seed": seed, "fid_eval_sd": fid_bootstrap_sd(scorer, images, reps),
+              "bits": manifest["sizes"]["blocks_bits_per_weight"], "checkpoint_bytes": os.path.getsize(ckpt / TENSORS),
+              "calibration_s": round(wall, 1), "checkpoint": str(ckpt),
+              "kept_start_blocks": sum(b["kept"] == "start" for b in blocks) if "method_mse" in blocks[0] else None,
+              "shipped_block_mse": statistics.mean(b["shipped_mse"] for b in blocks)}
+    return _store(folder, result, images, labels)
+
+
+def fid_bootstrap_sd(scorer, images: torch.Tensor, reps: int, seed: int = 0) -> float:
+    """sd of FID over `reps` resamplings (with replacement) of the generated images: the eval noise of one run."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    features = torch.cat([scorer.features(((b + 1) / 2).to(scorer.device)).cpu() for b in images.split(256)])
+    real = torch.cat([scorer.features(b.to(scorer.device)).cpu() for b in scorer.reference.split(256)])
+    identity = _Identity(features.shape[1])
+    fid = FrechetInceptionDistance(feature=identity, reset_real_features=False)
+    fid.update(real, real=True)
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(reps):
+        fid.reset()
+        fid.update(features[torch.randint(len(features), (len(features),), generator=gen)], real=False)
+        values.append(fid.compute().item())
+    return statistics.stdev(values)
+
+
+class _Identity(torch.nn.Module):
+    """torchmetrics' FID fed features computed once (its `feature` module sees them as its input)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x):
+        return x
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = {}
+    for key in ("fid", "class_accuracy", "psnr_vs_reference", "fid_eval_sd", "calibration_s"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            out[key] = statistics.mean(values)
+            out[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else None
+    out.update(bits=runs[0]["bits"], checkpoint_bytes=runs[0]["checkpoint_bytes"], runs_count=len(runs))
+    return out
+
+
+def row_md(name: str, runs: list[dict], fp: dict) -> str:
+    s = summarize(runs)
+    pm = lambda key, fmt: ("–" if key not in s else format(s[key], fmt)  # noqa: E731
+                           + ("" if s.get(f"{key}_sd") is None else f" ± {format(s[f'{key}_sd'], fmt)}"))
+    collapsed = s["class_accuracy"] < 0.5 or s["fid"] > 5 * fp["fid"]
+    calib = "–" if "calibration_s" not in s else f"{s['calibration_s']:.0f}"
+    return (f"| {name}{' (x)' if collapsed else ''} | {s['bits']:.3g} | {pm('fid', '.2f')} | {s['fid_eval_sd']:.2f} | "
+            f"{pm('class_accuracy', '.3f')} | {pm('psnr_vs_reference', '.1f')} | {s['checkpoint_bytes'] / 1024:.0f} | "
+            f"{calib} |")
+
+
+def _digest(overrides: list[str], seed: int, eval_cfg) -> str:
+    keyed = {"overrides": overrides, "seed": seed, "num_samples": eval_cfg.num_samples, "eval_seed": eval_cfg.seed,
+             "sampler": {k: v for k, v in eval_cfg.sampler.items() if k != "device"}}
+    return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _store(folder: Path, row: dict, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"images": images.half().contiguous(), "labels": labels.contiguous()}, folder / "samples.safetensors")
+    row = {**row, "samples": str(folder / "samples.safetensors")}
+    tmp = folder / "row.json.tmp"
+    tmp.write_text(json.dumps(row, indent=2, default=str) + "\n")
+    os.replace(tmp, folder / "row.json")  # written last: a row without it is rerun
+    return row
+
+
+if __name__ == "__main__":
+    main()
