@@ -1,21 +1,28 @@
-"""`python eval.py ckpt=...`: sample from a full-precision or quantized DiT and score it."""
+"""`python eval.py ckpt=...`: sample from a full-precision or quantized DiT and score it.
+
+Samples stream batch by batch into the scorer, into `samples.npz` (the ADM evaluator's format: uint8 N x H x W x C
+under `arr_0`, labels under `arr_1`) and, with `compare_to`, into PSNR against another run's `samples.npz`. Only the
+grid's samples stay in memory (and, on ImageNet, the samples' pool features for precision/recall).
+"""
 
 import logging
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from safetensors.torch import load_file
 
-from vq4dit.artifacts import fresh, image_grid, save_png, save_tensors, write_json
+from vq4dit.artifacts import fresh, grid_indices, image_grid, save_png, to_uint8, write_json
 from vq4dit.errors import UserError, instantiate
-from vq4dit.metrics import psnr
+from vq4dit.imagenet.adm_npz import AdmSampleWriter, NpzArrayReader, open_npz_array
+from vq4dit.metrics import SamplesPSNR
 from vq4dit.models import ConditionalDiT
 from vq4dit.quant.checkpoint import is_quantized_checkpoint, load_quantized
 from vq4dit.sampling import balanced_labels
 
 log = logging.getLogger(__name__)
-OUTPUTS = ("metrics.json", "samples.png", "samples.safetensors")
+OUTPUTS = ("metrics.json", "samples.png", "samples.npz")
 
 
 def load_model(model_cfg: DictConfig, ckpt: str) -> ConditionalDiT:
@@ -26,33 +33,51 @@ def load_model(model_cfg: DictConfig, ckpt: str) -> ConditionalDiT:
     return instantiate(model_cfg, weights=str(path))
 
 
-def sample_and_score(cfg: DictConfig, model: ConditionalDiT, compare_to: torch.Tensor | None = None):
-    """(images in [-1, 1], labels, metrics): the eval protocol, shared by eval.py and the benchmarks."""
-    sampler = instantiate(cfg.sampler)
-    scorer = instantiate(cfg.metric)
+def sample_and_score(cfg: DictConfig, model: ConditionalDiT, scorer=None, samples: Path | None = None,
+                     compare_to: Path | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The eval protocol, shared by eval.py and the benchmarks: (the grid's images in [-1, 1], their labels,
+    metrics). `samples`: where to write samples.npz; `compare_to`: another run's samples.npz (adds PSNR)."""
+    scorer = scorer if scorer is not None else instantiate(cfg.metric)
     labels = balanced_labels(cfg.num_samples, model.num_classes)
-    images = sampler.sample(model.to(cfg.device), labels, seed=cfg.seed)
-    metrics = {"model": model.name, **scorer.score(images, labels, seed=cfg.seed)}
+    channels, height, width = model.image_shape
+    scorer.check(cfg.num_samples, model.image_shape)
+    sampler = instantiate(cfg.sampler)
+    keep = grid_indices(labels, cfg.grid_columns)
+    grid, psnr = [], SamplesPSNR()
+    with ExitStack() as files:
+        writer = reference = None
+        if compare_to is not None:  # checked first: a mismatch stops the run before anything is written
+            reference = files.enter_context(_samples_to_compare(compare_to, len(labels), model.image_shape))
+        if samples is not None:
+            writer = files.enter_context(AdmSampleWriter(samples, labels.numpy(), (height, width, channels)))
+        for start, images in sampler.batches(model.to(cfg.device), labels, seed=cfg.seed):
+            batch_labels = labels[start:start + len(images)]
+            scorer.update(images, batch_labels)
+            pixels = to_uint8(images).permute(0, 2, 3, 1).cpu()  # N x H x W x C, as the ADM evaluator reads them
+            if writer is not None:
+                writer.write(pixels.numpy())
+            if reference is not None:
+                psnr.update(pixels, torch.from_numpy(reference.read(len(pixels)).copy()))
+            rows = keep[(keep >= start) & (keep < start + len(images))]
+            grid.append(images[rows - start].float().cpu())
+    metrics = {"model": model.name, **scorer.compute(seed=cfg.seed)}
     if compare_to is not None:
-        if compare_to.shape != images.shape:
-            raise UserError(f"compare_to holds samples of shape {tuple(compare_to.shape)}, these are "
-                            f"{tuple(images.shape)}: compare runs with the same num_samples and model")
-        metrics["psnr_vs_reference"] = psnr(images, compare_to)
-    return images, labels, metrics
+        metrics["psnr_vs_reference"] = psnr.compute()
+    return torch.cat(grid), labels[keep], metrics
 
 
 def evaluate(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     for name in OUTPUTS:  # refuse before minutes of sampling, not after
         fresh(out / name)
-    reference = _reference_samples(cfg.get("compare_to"))
+    compare_to = _compare_to_path(cfg.get("compare_to"))
+    scorer = instantiate(cfg.metric)
     model = load_model(cfg.model, cfg.ckpt)
-    images, labels, metrics = sample_and_score(cfg, model, reference)
+    images, labels, metrics = sample_and_score(cfg, model, scorer, out / "samples.npz", compare_to)
     metrics = {"ckpt": str(cfg.ckpt), **metrics}
     write_json(out / "metrics.json", metrics)
     grid = image_grid(images, labels, cfg.grid_columns)
     save_png(out / "samples.png", grid, upscale=cfg.grid_upscale)
-    save_tensors(out / "samples.safetensors", {"images": images.half(), "labels": labels})
     logger = instantiate(cfg.logger)
     for k, v in metrics.items():
         if isinstance(v, float):
@@ -64,10 +89,20 @@ def evaluate(cfg: DictConfig) -> dict:
     return metrics
 
 
-def _reference_samples(path: str | None) -> torch.Tensor | None:
-    """Another run's samples.safetensors (e.g. the full-precision model's, same seed): PSNR is measured to it."""
+def _compare_to_path(path: str | None) -> Path | None:
     if path is None:
         return None
-    if not Path(path).is_file():
-        raise UserError(f"compare_to={path} not found; give the samples.safetensors of an earlier eval run")
-    return load_file(path)["images"].float()
+    if not Path(path).is_file() or Path(path).suffix != ".npz":
+        raise UserError(f"compare_to={path} is not a file; give the samples.npz of an earlier eval run")
+    return Path(path)
+
+
+@contextmanager
+def _samples_to_compare(path: Path, count: int, image_shape: tuple[int, int, int]) -> Iterator[NpzArrayReader]:
+    """Another run's samples.npz, checked to hold as many samples of the same shape (same seed: same noise)."""
+    channels, height, width = image_shape
+    with open_npz_array(path, "arr_0") as reader:
+        if reader.shape != (count, height, width, channels):
+            raise UserError(f"compare_to={path} holds samples of shape {reader.shape}, these are "
+                            f"{(count, height, width, channels)}: compare runs with the same num_samples and model")
+        yield reader
