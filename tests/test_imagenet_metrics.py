@@ -58,7 +58,7 @@ def test_frechet_distance_to_stored_statistics_is_the_closed_form():
     reference = gaussian(3000, 8, seed=0)
     mu, sigma = reference.mean(0), np.cov(reference, rowvar=False)
     samples = gaussian(700, 8, seed=1, shift=0.4, scale=1.3)
-    metric = FrechetDistanceToStatistics(mu, sigma)
+    metric = FrechetDistanceToStatistics(mu, sigma, "cpu")
     for part in np.array_split(samples, 6):  # streamed in uneven batches
         metric.update(torch.from_numpy(part))
     expected = frechet(samples.mean(0), np.cov(samples, rowvar=False), mu, sigma)
@@ -68,7 +68,7 @@ def test_frechet_distance_to_stored_statistics_is_the_closed_form():
 
 def test_frechet_distance_of_samples_to_their_own_statistics_is_zero():
     samples = gaussian(500, 6, seed=2, shift=3.0)
-    metric = FrechetDistanceToStatistics(samples.mean(0), np.cov(samples, rowvar=False))
+    metric = FrechetDistanceToStatistics(samples.mean(0), np.cov(samples, rowvar=False), "cpu")
     metric.update(torch.from_numpy(samples).float())
     assert metric.compute() == pytest.approx(0.0, abs=1e-4)
 

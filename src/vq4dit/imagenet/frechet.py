@@ -23,7 +23,7 @@ class _Precomputed(nn.Module):
 
 
 class FrechetDistanceToStatistics:
-    def __init__(self, mu: np.ndarray, sigma: np.ndarray, device: str | torch.device = "cpu"):
+    def __init__(self, mu: np.ndarray, sigma: np.ndarray, device: str | torch.device):
         self.metric = FrechetInceptionDistance(feature=_Precomputed(len(mu)), reset_real_features=False).to(device)
         mu_t = torch.as_tensor(mu, dtype=torch.float64, device=self.metric.device)
         sigma_t = torch.as_tensor(sigma, dtype=torch.float64, device=self.metric.device)

@@ -70,8 +70,8 @@ def load_inception(weights: str | Path) -> InceptionFeatures:
 
 @contextlib.contextmanager
 def _tensors_only_unpickling():
-    """torch-fidelity reads the weights with torch.load(weights_only=False); torch's switch forces weights_only
-    for that call, so the file can hold nothing but tensors."""
+    """torch-fidelity unpickles the weights file with weights_only switched off; torch's environment switch turns
+    it back on for that call, so the file can hold nothing but tensors."""
     before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:

@@ -3,7 +3,7 @@
 The samples are cut, in their order, into consecutive splits of `split_size` (5000: 2 splits at 10k samples, 10 at
 50k); per split, exp of the mean KL divergence between each sample's class distribution p (softmax of the
 logits) and the split's mean p̄; the score is the mean over splits. torchmetrics' `InceptionScore` shuffles the
-samples into a fixed number of splits instead, so its numbers differ from the papers' at the second decimal.
+samples into a fixed number of splits instead, so its number is not the papers' (it depends on the shuffle).
 A split only needs sum(p log p) and sum(p): mean KL = sum(p log p) / n - sum(p̄ log p̄).
 """
 

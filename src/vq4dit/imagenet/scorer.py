@@ -23,8 +23,7 @@ class ImageNetScorer:
                  split_size: int = 5000, neighbours: int = 3, batch_size: int = 250, device: str = "cpu"):
         self.device = torch.device(device)
         self.features, self.reference = features.to(self.device).eval(), reference
-        self.sample_counts, self.split_size, self.neighbours = sample_counts, split_size, neighbours
-        self.batch_size = batch_size
+        self.sample_counts, self.neighbours, self.batch_size = sample_counts, neighbours, batch_size
         self.fid = FrechetDistanceToStatistics(reference.mu, reference.sigma, self.device)
         self.sfid = FrechetDistanceToStatistics(reference.mu_s, reference.sigma_s, self.device)
         self.inception_score = InceptionScore(split_size)
