@@ -80,7 +80,7 @@ class AdmSampleWriter:
         self.member = self.archive.open("arr_0.npy", "w", force_zip64=True)
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
                   "shape": self.shape}
-        np.lib.format.write_array_header_2_0(self.member, header)
+        np.lib.format.write_array_header_1_0(self.member, header)
         self.written = 0
 
     def write(self, images: np.ndarray) -> None:
