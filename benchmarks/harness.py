@@ -33,19 +33,17 @@ def fresh_dir(path: Path) -> Path:
 
 
 def score_fp(work: Path, num_samples: int, *overrides: str):
-    """(eval config, the fp model's samples.npz, its grid images and labels, its metrics)"""
     cfg = config("eval", f"ckpt={ROOT / 'data/dit_digits'}", f"num_samples={num_samples}",
                  f"paths.output_dir={work / 'fp'}", *overrides)
     model = load_model(cfg.model, cfg.ckpt)
-    samples = work / "fp" / "samples.npz"
-    images, labels, metrics = sample_and_score(cfg, model, samples=samples)
+    images, labels, metrics = sample_and_score(cfg, model)
     params = sum(p.numel() for p in model.transformer.parameters())
     linears = [layer for block in model.blocks for layer in block_linears(block).values()]
     blocks = sum(layer.weight.numel() + layer.bias.numel() for layer in linears)
-    return cfg, samples, images, labels, {**metrics, "model_bytes": 4 * params, "blocks_bytes": 4 * blocks}
+    return cfg, images, labels, {**metrics, "model_bytes": 4 * params, "blocks_bytes": 4 * blocks}
 
 
-def quantize_and_score(work: Path, name: str, eval_cfg, fp_samples: Path, train_overrides: list[str]) -> tuple[dict, torch.Tensor]:
+def quantize_and_score(work: Path, name: str, eval_cfg, fp_images, train_overrides: list[str]) -> tuple[dict, torch.Tensor]:
     """One setting: quantize from scratch (no block cache, so the time is real), then the eval protocol."""
     cfg = config("train", f"paths.output_dir={work / name}", f"paths.log_dir={work / 'logs'}", "resume=false",
                  "log_samples=0", "trainer.enable_progress_bar=false", *train_overrides)
@@ -54,7 +52,7 @@ def quantize_and_score(work: Path, name: str, eval_cfg, fp_samples: Path, train_
     wall = time.time() - start
     manifest = read_manifest(ckpt)
     model = load_quantized(ckpt, cfg.model)
-    images, _, metrics = sample_and_score(eval_cfg, model, compare_to=fp_samples)
+    images, _, metrics = sample_and_score(eval_cfg, model, compare_to=fp_images)
     blocks = manifest["blocks"]
     mean = lambda key: sum(b[key] for b in blocks) / len(blocks) if all(key in b for b in blocks) else None  # noqa: E731
     row = {"setting": name, **metrics, **manifest["sizes"], "calibration_s": manifest["calibration_seconds"],

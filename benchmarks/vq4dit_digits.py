@@ -30,12 +30,12 @@ def main() -> None:
     args = p.parse_args()
     out = fresh_dir(Path(args.out))
     work = ROOT / "logs" / "benchmark" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    eval_cfg, fp_samples, fp_images, labels, fp = score_fp(work, args.num_samples)
+    eval_cfg, fp_images, labels, fp = score_fp(work, args.num_samples)
     rows, pictures = [{"setting": "fp32", "bits": 32, **fp}], [("fp32", fp_images)]
     print(_row_md(rows[0]), flush=True)
     for setting in args.settings.split(","):
         method, quant = setting.split("-")
-        row, images = quantize_and_score(work, setting, eval_cfg, fp_samples, [f"quant={quant}", f"method={method}"])
+        row, images = quantize_and_score(work, setting, eval_cfg, fp_images, [f"quant={quant}", f"method={method}"])
         rows.append(row)
         pictures.append((setting, images))
         print(_row_md(row), flush=True)

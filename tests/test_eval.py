@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
 from vq4dit.errors import UserError
-from vq4dit.evaluate import evaluate
+from vq4dit.evaluate import evaluate, load_model, sample_and_score
 from vq4dit.models.dit import build_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +101,20 @@ def test_psnr_against_an_earlier_runs_samples(first_run, random_dit, tmp_path):
     with pytest.raises(UserError, match="compare_to=.*same num_samples"):
         evaluate(fewer)
     assert not (tmp_path / "fewer" / "run").exists()
+
+
+def test_psnr_against_samples_in_memory(random_dit, tmp_path):
+    """The benchmarks' way: all samples come back as floats, and float samples are compared as they are."""
+    cfg = _compose(tmp_path, f"ckpt={random_dit}", *SMALL)
+    model = load_model(cfg.model, cfg.ckpt)
+    images, labels, _ = sample_and_score(cfg, model)
+    assert images.shape == (40, 1, 16, 16) and labels.tolist() == [i % 10 for i in range(40)]
+    noisy = images + 0.01 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    _, _, metrics = sample_and_score(cfg, model, compare_to=noisy)
+    mse = (images.double() - noisy.double()).pow(2).mean().item()
+    assert metrics["psnr_vs_reference"] == pytest.approx(10 * math.log10(4 / mse), abs=1e-3)
+    with pytest.raises(UserError, match="compare_to holds samples of shape"):
+        sample_and_score(cfg, model, compare_to=noisy[:20])
 
 
 def test_never_overwrites_an_earlier_run(first_run):

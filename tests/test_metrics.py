@@ -143,12 +143,8 @@ def test_shipped_classifier_accuracy_on_heldout_digits(digit_scorer, heldout_dig
     assert 5 < out["inception_score"] <= 10
 
 
-def _uint8(x: torch.Tensor) -> torch.Tensor:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def test_psnr_of_identical_samples_is_inf():
-    x = _uint8(torch.rand(4, 16, 16, 1) * 2 - 1)
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
     psnr = SamplesPSNR()
     psnr.update(x, x.clone())
     assert psnr.compute() == math.inf
@@ -157,14 +153,14 @@ def test_psnr_of_identical_samples_is_inf():
 @pytest.mark.parametrize("sigma", [0.01, 0.1])
 def test_psnr_over_batches_matches_its_formula(sigma):
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(8, 16, 16, 1, generator=g) * 2 - 1
-    a, b = _uint8(x), _uint8(x + sigma * torch.randn(x.shape, generator=g))
-    mse = (a.double() - b.double()).pow(2).mean().item()
-    expected = 10 * math.log10(255.0 ** 2 / mse)  # of all pixels at once, though fed in batches of 3
+    x = torch.rand(8, 1, 16, 16, generator=g) * 2 - 1
+    y = x + sigma * torch.randn(x.shape, generator=g)
+    mse = (y.double() - x.double()).pow(2).mean().item()
+    expected = 10 * math.log10(2.0 ** 2 / mse)  # data range 2: images in [-1, 1]; of all pixels, fed in batches
     forward, backward = SamplesPSNR(), SamplesPSNR()
     for start in range(0, 8, 3):
-        forward.update(a[start:start + 3], b[start:start + 3])
-        backward.update(b[start:start + 3], a[start:start + 3])
+        forward.update(y[start:start + 3], x[start:start + 3])
+        backward.update(x[start:start + 3], y[start:start + 3])
     value = forward.compute()
     assert math.isfinite(value) and value == pytest.approx(expected, abs=1e-3)
     assert value == pytest.approx(10 * math.log10(4 / sigma ** 2), abs=0.5)  # ~46 dB at 0.01, ~26 dB at 0.1

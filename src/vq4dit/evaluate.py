@@ -6,7 +6,7 @@ grid's samples stay in memory (and, on ImageNet, the samples' pool features for 
 """
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from vq4dit.artifacts import fresh, grid_indices, image_grid, save_png, to_uint8, write_json
 from vq4dit.errors import UserError, instantiate
-from vq4dit.imagenet.adm_npz import AdmSampleWriter, NpzArrayReader, open_npz_array
+from vq4dit.imagenet.adm_npz import AdmSampleWriter, open_npz_array
 from vq4dit.metrics import SamplesPSNR
 from vq4dit.models import ConditionalDiT
 from vq4dit.quant.checkpoint import is_quantized_checkpoint, load_quantized
@@ -33,37 +33,39 @@ def load_model(model_cfg: DictConfig, ckpt: str) -> ConditionalDiT:
     return instantiate(model_cfg, weights=str(path))
 
 
-def sample_and_score(cfg: DictConfig, model: ConditionalDiT, scorer=None, samples: Path | None = None,
-                     compare_to: Path | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """The eval protocol, shared by eval.py and the benchmarks: (the grid's images in [-1, 1], their labels,
-    metrics). `samples`: where to write samples.npz; `compare_to`: another run's samples.npz (adds PSNR)."""
+def sample_and_score(cfg: DictConfig, model: ConditionalDiT, compare_to: torch.Tensor | Path | None = None, *,
+                     scorer=None, samples: Path | None = None, keep: str = "all"
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The eval protocol, shared by eval.py and the benchmarks: (samples in [-1, 1] on the CPU, their labels,
+    metrics). `compare_to`: another run's samples (adds PSNR), as images in [-1, 1] or as its samples.npz;
+    `samples`: where to write this run's samples.npz; `keep`: return "all" samples or only the "grid"'s."""
     scorer = scorer if scorer is not None else instantiate(cfg.metric)
     labels = balanced_labels(cfg.num_samples, model.num_classes)
     channels, height, width = model.image_shape
     scorer.check(cfg.num_samples, model.image_shape)
     sampler = instantiate(cfg.sampler)
-    keep = grid_indices(labels, cfg.grid_columns)
-    grid, psnr = [], SamplesPSNR()
+    kept = grid_indices(labels, cfg.grid_columns) if keep == "grid" else torch.arange(len(labels))
+    out, psnr = [], SamplesPSNR()
     with ExitStack() as files:
-        writer = reference = None
+        writer = compared = None
         if compare_to is not None:  # checked first: a mismatch stops the run before anything is written
-            reference = files.enter_context(_samples_to_compare(compare_to, len(labels), model.image_shape))
+            compared = files.enter_context(_compared_samples(compare_to, len(labels), model.image_shape))
         if samples is not None:
             writer = files.enter_context(AdmSampleWriter(samples, labels.numpy(), (height, width, channels)))
         for start, images in sampler.batches(model.to(cfg.device), labels, seed=cfg.seed):
-            batch_labels = labels[start:start + len(images)]
-            scorer.update(images, batch_labels)
-            pixels = to_uint8(images).permute(0, 2, 3, 1).cpu()  # N x H x W x C, as the ADM evaluator reads them
+            scorer.update(images, labels[start:start + len(images)])
+            pixels = to_uint8(images).cpu()
             if writer is not None:
-                writer.write(pixels.numpy())
-            if reference is not None:
-                psnr.update(pixels, torch.from_numpy(reference.read(len(pixels)).copy()))
-            rows = keep[(keep >= start) & (keep < start + len(images))]
-            grid.append(images[rows - start].float().cpu())
+                writer.write(pixels.permute(0, 2, 3, 1).numpy())  # N x H x W x C, as the ADM evaluator reads them
+            if compared is not None:
+                read, eight_bit = compared  # 8-bit samples are compared with this run's 8-bit samples
+                psnr.update(pixels.float() / 127.5 - 1 if eight_bit else images.cpu(), read(start, len(images)))
+            rows = kept[(kept >= start) & (kept < start + len(images))]
+            out.append(images[rows - start].float().cpu())
     metrics = {"model": model.name, **scorer.compute(seed=cfg.seed)}
     if compare_to is not None:
         metrics["psnr_vs_reference"] = psnr.compute()
-    return torch.cat(grid), labels[keep], metrics
+    return torch.cat(out), labels[kept], metrics
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -73,7 +75,8 @@ def evaluate(cfg: DictConfig) -> dict:
     compare_to = _compare_to_path(cfg.get("compare_to"))
     scorer = instantiate(cfg.metric)
     model = load_model(cfg.model, cfg.ckpt)
-    images, labels, metrics = sample_and_score(cfg, model, scorer, out / "samples.npz", compare_to)
+    images, labels, metrics = sample_and_score(cfg, model, compare_to, scorer=scorer, samples=out / "samples.npz",
+                                               keep="grid")
     metrics = {"ckpt": str(cfg.ckpt), **metrics}
     write_json(out / "metrics.json", metrics)
     grid = image_grid(images, labels, cfg.grid_columns)
@@ -98,11 +101,21 @@ def _compare_to_path(path: str | None) -> Path | None:
 
 
 @contextmanager
-def _samples_to_compare(path: Path, count: int, image_shape: tuple[int, int, int]) -> Iterator[NpzArrayReader]:
-    """Another run's samples.npz, checked to hold as many samples of the same shape (same seed: same noise)."""
+def _compared_samples(source: torch.Tensor | Path, count: int, image_shape: tuple[int, int, int]
+                      ) -> Iterator[tuple[Callable[[int, int], torch.Tensor], bool]]:
+    """(read(start, n): the other run's samples start ... start + n - 1 in [-1, 1], whether they are 8-bit),
+    after checking that the other run made as many samples of the same shape (same seed: same noise)."""
     channels, height, width = image_shape
-    with open_npz_array(path, "arr_0") as reader:
-        if reader.shape != (count, height, width, channels):
-            raise UserError(f"compare_to={path} holds samples of shape {reader.shape}, these are "
-                            f"{(count, height, width, channels)}: compare runs with the same num_samples and model")
-        yield reader
+    if isinstance(source, torch.Tensor):
+        _check_same_samples(tuple(source.shape), (count, channels, height, width), "compare_to")
+        yield (lambda start, n: source[start:start + n].float()), False
+        return
+    with open_npz_array(source, "arr_0") as reader:  # read in order, batch after batch
+        _check_same_samples(reader.shape, (count, height, width, channels), f"compare_to={source}")
+        yield (lambda _, n: torch.from_numpy(reader.read(n).copy()).permute(0, 3, 1, 2).float() / 127.5 - 1), True
+
+
+def _check_same_samples(theirs: tuple, ours: tuple, what: str) -> None:
+    if theirs != ours:
+        raise UserError(f"{what} holds samples of shape {theirs}, these are {ours}: compare runs with the same "
+                        "num_samples and model")

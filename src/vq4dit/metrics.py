@@ -102,14 +102,14 @@ def load_classifier(path: Path) -> DigitClassifier:
 
 
 class SamplesPSNR:
-    """PSNR (dB) of 8-bit samples against another run's 8-bit samples from the same noise, accumulated over
-    batches (torchmetrics sums the squared error): what `compare_to` reports."""
+    """PSNR (dB) of samples against another run's samples from the same noise, both in [-1, 1] (data range 2),
+    accumulated over batches (torchmetrics sums the squared error): what `compare_to` reports."""
 
     def __init__(self):
-        self.metric = PeakSignalNoiseRatio(data_range=255.0)
+        self.metric = PeakSignalNoiseRatio(data_range=2.0)
 
-    def update(self, pixels: torch.Tensor, reference: torch.Tensor) -> None:
-        self.metric.update(pixels.float().cpu(), reference.float().cpu())
+    def update(self, images: torch.Tensor, reference: torch.Tensor) -> None:
+        self.metric.update(images.float().cpu(), reference.float().cpu())
 
     def compute(self) -> float:
         value = self.metric.compute().item()
