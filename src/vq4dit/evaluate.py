@@ -96,7 +96,7 @@ def _compare_to_path(path: str | None) -> Path | None:
     if path is None:
         return None
     if not Path(path).is_file() or Path(path).suffix != ".npz":
-        raise UserError(f"compare_to={path} is not a file; give the samples.npz of an earlier eval run")
+        raise UserError(f"compare_to={path} is not an .npz file; give the samples.npz of an earlier eval run")
     return Path(path)
 
 
