@@ -1,20 +1,24 @@
-"""`evaluate(cfg)` end to end on a random digits-architecture DiT: what it writes, that a seed reproduces it, that
-it never overwrites, and the `python eval.py` command line (exit 0 / exit 2 with one `error:` line)."""
+"""`evaluate(cfg)` end to end on a random digits-architecture DiT: what it writes, that a seed reproduces it, PSNR
+against an earlier run's samples, that it never overwrites, and the `python eval.py` command line (exit 0 / exit 2
+with one `error:` line)."""
 
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
 from vq4dit.errors import UserError
-from vq4dit.evaluate import evaluate
+from vq4dit.evaluate import evaluate, load_model, sample_and_score
 from vq4dit.models.dit import build_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +67,10 @@ def test_writes_metrics_grid_and_events(first_run, random_dit):
     pixels = set(grid.crop((4 * cell, 0, grid.width, grid.height)).getdata())
     assert pixels == {0, 128}
 
+    with np.load(out / "samples.npz") as npz:  # every sample, 8-bit, in the ADM evaluator's layout
+        assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (40, 16, 16, 1)
+        assert npz["arr_1"].tolist() == [i % 10 for i in range(40)]
+
     events = list(out.rglob("events.out.tfevents.*"))
     assert events and all(e.is_relative_to(out) for e in events)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -77,6 +85,36 @@ def test_same_seed_into_a_fresh_folder_gives_the_same_numbers(first_run, random_
     _, metrics = first_run
     again = evaluate(_compose(tmp_path, f"ckpt={random_dit}", *SMALL))
     assert again == metrics
+
+
+def test_psnr_against_an_earlier_runs_samples(first_run, random_dit, tmp_path):
+    cfg, _ = first_run
+    earlier = Path(cfg.paths.output_dir) / "samples.npz"
+    same = evaluate(_compose(tmp_path / "same", f"ckpt={random_dit}", *SMALL, f"compare_to={earlier}"))
+    assert same["psnr_vs_reference"] == math.inf  # same seed, same noise: the same 8-bit samples
+    other = _compose(tmp_path / "other", f"ckpt={random_dit}", *SMALL, "seed=1", f"compare_to={earlier}")
+    value = evaluate(other)["psnr_vs_reference"]
+    with np.load(earlier) as a, np.load(Path(other.paths.output_dir) / "samples.npz") as b:
+        mse = ((a["arr_0"].astype(np.float64) - b["arr_0"]) ** 2).mean()
+    assert value == pytest.approx(10 * math.log10(255 ** 2 / mse), abs=1e-3) and value < 40
+    fewer = _compose(tmp_path / "fewer", f"ckpt={random_dit}", *SMALL, "num_samples=20", f"compare_to={earlier}")
+    with pytest.raises(UserError, match="compare_to=.*same num_samples"):
+        evaluate(fewer)
+    assert not (tmp_path / "fewer" / "run").exists()
+
+
+def test_psnr_against_samples_in_memory(random_dit, tmp_path):
+    """The benchmarks' way: all samples come back as floats, and float samples are compared as they are."""
+    cfg = _compose(tmp_path, f"ckpt={random_dit}", *SMALL)
+    model = load_model(cfg.model, cfg.ckpt)
+    images, labels, _ = sample_and_score(cfg, model)
+    assert images.shape == (40, 1, 16, 16) and labels.tolist() == [i % 10 for i in range(40)]
+    noisy = images + 0.01 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    _, _, metrics = sample_and_score(cfg, model, compare_to=noisy)
+    mse = (images.double() - noisy.double()).pow(2).mean().item()
+    assert metrics["psnr_vs_reference"] == pytest.approx(10 * math.log10(4 / mse), abs=1e-3)
+    with pytest.raises(UserError, match="compare_to holds samples of shape"):
+        sample_and_score(cfg, model, compare_to=noisy[:20])
 
 
 def test_never_overwrites_an_earlier_run(first_run):

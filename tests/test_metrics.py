@@ -1,5 +1,5 @@
 """Scoring: the Scorer's FID is the closed-form Fréchet distance of its features, the floor sits far below noise,
-the shipped classifier's accuracy on held-out digits, and PSNR against its formula."""
+the shipped classifier's accuracy on held-out digits, and PSNR over batches against its formula."""
 
 import math
 from pathlib import Path
@@ -11,7 +11,7 @@ from scipy import linalg
 from torch import nn
 
 from vq4dit.data.digits import digits, split
-from vq4dit.metrics import Scorer, digits_scorer, psnr
+from vq4dit.metrics import SamplesPSNR, Scorer, digits_scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSIFIER = ROOT / "data" / "digit_classifier.safetensors"
@@ -143,19 +143,25 @@ def test_shipped_classifier_accuracy_on_heldout_digits(digit_scorer, heldout_dig
     assert 5 < out["inception_score"] <= 10
 
 
-def test_psnr_of_identical_images_is_inf():
+def test_psnr_of_identical_samples_is_inf():
     x = torch.rand(4, 1, 16, 16) * 2 - 1
-    assert psnr(x, x.clone()) == math.inf
+    psnr = SamplesPSNR()
+    psnr.update(x, x.clone())
+    assert psnr.compute() == math.inf
 
 
 @pytest.mark.parametrize("sigma", [0.01, 0.1])
-def test_psnr_matches_its_formula(sigma):
+def test_psnr_over_batches_matches_its_formula(sigma):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(8, 1, 16, 16, generator=g) * 2 - 1
     y = x + sigma * torch.randn(x.shape, generator=g)
     mse = (y.double() - x.double()).pow(2).mean().item()
-    expected = 10 * math.log10(2.0 ** 2 / mse)  # data range 2: images in [-1, 1]
-    value = psnr(y, x)
+    expected = 10 * math.log10(2.0 ** 2 / mse)  # data range 2: images in [-1, 1]; of all pixels, fed in batches
+    forward, backward = SamplesPSNR(), SamplesPSNR()
+    for start in range(0, 8, 3):
+        forward.update(y[start:start + 3], x[start:start + 3])
+        backward.update(x[start:start + 3], y[start:start + 3])
+    value = forward.compute()
     assert math.isfinite(value) and value == pytest.approx(expected, abs=1e-3)
     assert value == pytest.approx(10 * math.log10(4 / sigma ** 2), abs=0.5)  # ~46 dB at 0.01, ~26 dB at 0.1
-    assert psnr(x, y) == pytest.approx(value, abs=1e-6)  # symmetric
+    assert backward.compute() == pytest.approx(value, abs=1e-6)  # symmetric

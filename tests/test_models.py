@@ -152,6 +152,19 @@ def test_diffusers_folder_round_trip(tmp_path):
     assert torch.equal(out_a, out_b) and torch.equal(out_a, out_c)
 
 
+def test_pipeline_folder_with_torch_weights(tmp_path):
+    """Older diffusers folders hold diffusion_pytorch_model.bin (a torch.save'd state dict): read weights-only."""
+    state = original_state(TINY, seed=9)
+    model = load_dit("dit_tiny", TINY, weights=str(save_pt(state, tmp_path / "w.pt")))
+    folder = tmp_path / "pipeline" / "transformer"
+    folder.mkdir(parents=True)
+    torch.save(model.transformer.state_dict(), folder / "diffusion_pytorch_model.bin")
+    again = load_dit("dit_tiny", TINY, weights=str(tmp_path / "pipeline"), seed=123)
+    x, t, y = inputs(TINY)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y), again(x, t, y))
+
+
 # --- (c) classifier-free guidance --------------------------------------------------------------------------
 def test_guided_output_matches_original_forward_with_cfg(tmp_path):
     state = original_state(TINY, seed=7)

@@ -1,6 +1,7 @@
 """Sampling: seeded and device-independent, balanced labels, both schedulers, classifier-free guidance's model
-calls, and learned-sigma DDPM."""
+calls, learned-sigma DDPM, autocast precision, and the learned-sigma preset against ADM's respaced sampler."""
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -144,3 +145,72 @@ def test_learned_sigma_model_samples_with_learned_range_ddpm(tiny):
     # the predicted variance is used: fixed_small (which drops those channels) gives other images
     fixed = make("ddpm").sample(model, labels, seed=0, progress=False)
     assert fixed.shape == images.shape and not torch.allclose(fixed, images)
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_precision_runs_the_model_in_that_dtype(tiny, precision, dtype):
+    make, model = tiny
+    labels = balanced_labels(N, model.num_classes)
+    seen = []
+    hook = model.blocks[0].ff.net[2].register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    low = make("ddpm", f"sampler.precision={precision}").sample(model, labels, seed=0, progress=False)
+    hook.remove()
+    full = make("ddpm").sample(model, labels, seed=0, progress=False)
+    assert seen and set(seen) == {dtype}  # the block's linear layers ran in low precision
+    assert next(model.parameters()).dtype == torch.float32  # the weights themselves stay as they are
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    assert not torch.equal(low, full) and (low - full).abs().mean() < 0.01  # rounding, not another model
+
+
+def test_unknown_precision_is_a_user_error(compose_cfg):
+    from vq4dit.errors import UserError, instantiate
+
+    cfg = compose_cfg("eval", "ckpt=none", "sampler.precision=fp8")
+    with pytest.raises(UserError, match="sampler.precision=fp8; valid: fp32, bf16, fp16"):
+        instantiate(cfg.sampler)
+
+
+# --- the learned-sigma preset is the DiT/ADM sampler ------------------------------------------------------------
+def adm_timesteps(steps: int, num_timesteps: int = 1000) -> list[int]:
+    """guided-diffusion's space_timesteps(1000, [steps]): a float stride accumulated from 0, each rounded."""
+    stride = (num_timesteps - 1) / (steps - 1)
+    taken, position = [], 0.0
+    for _ in range(steps):
+        taken.append(round(position))
+        position += stride
+    return taken
+
+
+def adm_p_sample(eps, v, x, t: int, prev: int, alphas_cumprod: np.ndarray, noise):
+    """One ADM p_sample step (learned_range variance, eps prediction, no clipping) on the respaced chain, float64."""
+    abar, abar_prev = alphas_cumprod[t], (alphas_cumprod[prev] if prev >= 0 else 1.0)
+    beta = 1 - abar / abar_prev  # the respaced chain's beta at this step
+    x0 = np.sqrt(1 / abar) * x - np.sqrt(1 / abar - 1) * eps
+    mean = beta * np.sqrt(abar_prev) / (1 - abar) * x0 + (1 - abar_prev) * np.sqrt(1 - beta) / (1 - abar) * x
+    min_log = np.log(beta * (1 - abar_prev) / (1 - abar))  # the posterior variance
+    frac = (v + 1) / 2
+    log_variance = frac * np.log(beta) + (1 - frac) * min_log
+    return mean + np.exp(0.5 * log_variance) * noise
+
+
+@pytest.mark.parametrize("steps", [250, 100, 50])
+def test_learned_sigma_preset_is_adm_respaced_p_sample(compose_cfg, steps):
+    cfg = compose_cfg("eval", "model=dit_tiny", "ckpt=none", "sampler=ddpm_learned_sigma", f"sampler.steps={steps}")
+    sampler = instantiate(cfg.sampler)
+    assert sampler.guidance_scale == 1.5 and sampler.steps == steps
+    scheduler = sampler.scheduler
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps.tolist()
+    assert timesteps == adm_timesteps(steps)[::-1]
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)  # DiT's linear schedule
+    alphas_cumprod = np.cumprod(1 - betas)
+    g = torch.Generator().manual_seed(steps)
+    x, eps, v = (torch.randn(2, 4, 3, 3, generator=g) for _ in range(3))
+    v = v.clamp(-1, 1)
+    for i in (0, steps // 2, steps - 2):  # first, middle and last noisy step
+        t, prev = timesteps[i], timesteps[i + 1]
+        out = scheduler.step(torch.cat([eps, v], 1), t, x, generator=torch.Generator().manual_seed(i)).prev_sample
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(i))  # the draw step() makes
+        expected = adm_p_sample(eps.double().numpy(), v.double().numpy(), x.double().numpy(), t, prev,
+                                alphas_cumprod, noise.double().numpy())
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4)

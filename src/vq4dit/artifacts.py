@@ -26,6 +26,17 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 [0, 255], rounded to nearest (as DiT's sample_ddp.py: 127.5 x + 128, truncated)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def grid_indices(labels: torch.Tensor, columns: int, max_rows: int = 10) -> torch.Tensor:
+    """Which samples `image_grid` shows: the first `columns` of each of the first `max_rows` classes."""
+    picks = [(labels == c).nonzero().squeeze(1)[:columns] for c in labels.unique()[:max_rows]]
+    return torch.cat(picks).sort().values
+
+
 def image_grid(images: torch.Tensor, labels: torch.Tensor, columns: int, max_rows: int = 10) -> np.ndarray:
     """A row per class (the first `max_rows` classes), `columns` framed samples each; images in [-1, 1] -> uint8."""
     rows = []
@@ -36,7 +47,7 @@ def image_grid(images: torch.Tensor, labels: torch.Tensor, columns: int, max_row
         picked = F.pad(picked, (1, 1, 1, 1), value=0.0)  # a grey frame keeps neighbouring samples apart
         rows.append(torch.cat(list(picked), dim=2))
     grid = torch.cat(rows, dim=1)
-    grid = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    grid = to_uint8(grid).permute(1, 2, 0).numpy()
     return grid if grid.shape[2] == 3 else grid[:, :, 0]
 
 

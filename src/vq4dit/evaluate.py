@@ -1,22 +1,29 @@
-"""`python eval.py ckpt=...`: sample from a full-precision or quantized DiT and score it."""
+"""`python eval.py ckpt=...`: sample from a full-precision or quantized DiT and score it.
+
+Samples stream batch by batch into the scorer, into `samples.npz` (the ADM evaluator's format: uint8 N x H x W x C
+under `arr_0`, labels under `arr_1`) and, with `compare_to`, into PSNR against another run's `samples.npz`. Only the
+grid's samples stay in memory (and, on ImageNet, the samples' pool features for precision/recall).
+"""
 
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from safetensors.torch import load_file
 
-from vq4dit.artifacts import fresh, image_grid, save_png, save_tensors, write_json
+from vq4dit.artifacts import fresh, grid_indices, image_grid, save_png, to_uint8, write_json
 from vq4dit.errors import UserError, instantiate
-from vq4dit.metrics import psnr
+from vq4dit.imagenet.adm_npz import AdmSampleWriter, open_npz_array
+from vq4dit.metrics import SamplesPSNR
 from vq4dit.models import ConditionalDiT
 from vq4dit.quant.checkpoint import is_quantized_checkpoint, load_quantized
 from vq4dit.sampling import balanced_labels
 from vq4dit.seeds import stream_seed
 
 log = logging.getLogger(__name__)
-OUTPUTS = ("metrics.json", "samples.png", "samples.safetensors")
+OUTPUTS = ("metrics.json", "samples.png", "samples.npz")
 
 
 def load_model(model_cfg: DictConfig, ckpt: str) -> ConditionalDiT:
@@ -27,38 +34,55 @@ def load_model(model_cfg: DictConfig, ckpt: str) -> ConditionalDiT:
     return instantiate(model_cfg, weights=str(path))
 
 
-def eval_samples(cfg: DictConfig, model: ConditionalDiT) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images in [-1, 1], labels): `num_samples` balanced over classes, from the "eval" noise stream."""
+def sample_and_score(cfg: DictConfig, model: ConditionalDiT, compare_to: torch.Tensor | Path | None = None, *,
+                     scorer=None, samples: Path | None = None, keep: str = "all"
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The eval protocol, shared by eval.py and the benchmarks: (samples in [-1, 1] on the CPU, their labels,
+    metrics). `compare_to`: another run's samples (adds PSNR), as images in [-1, 1] or as its samples.npz;
+    `samples`: where to write this run's samples.npz; `keep`: return "all" samples or only the "grid"'s."""
+    scorer = scorer if scorer is not None else instantiate(cfg.metric)
     labels = balanced_labels(cfg.num_samples, model.num_classes)
-    images = instantiate(cfg.sampler).sample(model.to(cfg.device), labels, seed=stream_seed(cfg.seed, "eval"))
-    return images, labels
-
-
-def sample_and_score(cfg: DictConfig, model: ConditionalDiT, compare_to: torch.Tensor | None = None):
-    """(images in [-1, 1], labels, metrics): the eval protocol, shared by eval.py and the benchmarks."""
-    scorer = instantiate(cfg.metric)
-    images, labels = eval_samples(cfg, model)
-    metrics = {"model": model.name, **scorer.score(images, labels, seed=cfg.seed)}
+    channels, height, width = model.image_shape
+    scorer.check(cfg.num_samples, model.image_shape)
+    sampler = instantiate(cfg.sampler)
+    kept = grid_indices(labels, cfg.grid_columns) if keep == "grid" else torch.arange(len(labels))
+    out, psnr = [], SamplesPSNR()
+    with ExitStack() as files:
+        writer = compared = None
+        if compare_to is not None:  # checked first: a mismatch stops the run before anything is written
+            compared = files.enter_context(_compared_samples(compare_to, len(labels), model.image_shape))
+        if samples is not None:
+            writer = files.enter_context(AdmSampleWriter(samples, labels.numpy(), (height, width, channels)))
+        seed = stream_seed(cfg.seed, "eval")  # never the noise calibration sampled
+        for start, images in sampler.batches(model.to(cfg.device), labels, seed=seed):
+            scorer.update(images, labels[start:start + len(images)])
+            pixels = to_uint8(images).cpu()
+            if writer is not None:
+                writer.write(pixels.permute(0, 2, 3, 1).numpy())  # N x H x W x C, as the ADM evaluator reads them
+            if compared is not None:
+                read, eight_bit = compared  # 8-bit samples are compared with this run's 8-bit samples
+                psnr.update(pixels.float() / 127.5 - 1 if eight_bit else images.cpu(), read(start, len(images)))
+            rows = kept[(kept >= start) & (kept < start + len(images))]
+            out.append(images[rows - start].float().cpu())
+    metrics = {"model": model.name, **scorer.compute(seed=cfg.seed)}
     if compare_to is not None:
-        if compare_to.shape != images.shape:
-            raise UserError(f"compare_to holds samples of shape {tuple(compare_to.shape)}, these are "
-                            f"{tuple(images.shape)}: compare runs with the same num_samples and model")
-        metrics["psnr_vs_reference"] = psnr(images, compare_to)
-    return images, labels, metrics
+        metrics["psnr_vs_reference"] = psnr.compute()
+    return torch.cat(out), labels[kept], metrics
 
 
 def evaluate(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     for name in OUTPUTS:  # refuse before minutes of sampling, not after
         fresh(out / name)
-    reference = _reference_samples(cfg.get("compare_to"))
+    compare_to = _compare_to_path(cfg.get("compare_to"))
+    scorer = instantiate(cfg.metric)
     model = load_model(cfg.model, cfg.ckpt)
-    images, labels, metrics = sample_and_score(cfg, model, reference)
+    images, labels, metrics = sample_and_score(cfg, model, compare_to, scorer=scorer, samples=out / "samples.npz",
+                                               keep="grid")
     metrics = {"ckpt": str(cfg.ckpt), **metrics}
     write_json(out / "metrics.json", metrics)
     grid = image_grid(images, labels, cfg.grid_columns)
     save_png(out / "samples.png", grid, upscale=cfg.grid_upscale)
-    save_tensors(out / "samples.safetensors", {"images": images.half(), "labels": labels})
     logger = instantiate(cfg.logger)
     for k, v in metrics.items():
         if isinstance(v, float):
@@ -70,10 +94,30 @@ def evaluate(cfg: DictConfig) -> dict:
     return metrics
 
 
-def _reference_samples(path: str | None) -> torch.Tensor | None:
-    """Another run's samples.safetensors (e.g. the full-precision model's, same seed): PSNR is measured to it."""
+def _compare_to_path(path: str | None) -> Path | None:
     if path is None:
         return None
-    if not Path(path).is_file():
-        raise UserError(f"compare_to={path} not found; give the samples.safetensors of an earlier eval run")
-    return load_file(path)["images"].float()
+    if not Path(path).is_file() or Path(path).suffix != ".npz":
+        raise UserError(f"compare_to={path} is not an .npz file; give the samples.npz of an earlier eval run")
+    return Path(path)
+
+
+@contextmanager
+def _compared_samples(source: torch.Tensor | Path, count: int, image_shape: tuple[int, int, int]
+                      ) -> Iterator[tuple[Callable[[int, int], torch.Tensor], bool]]:
+    """(read(start, n): the other run's samples start ... start + n - 1 in [-1, 1], whether they are 8-bit),
+    after checking that the other run made as many samples of the same shape (same seed: same noise)."""
+    channels, height, width = image_shape
+    if isinstance(source, torch.Tensor):
+        _check_same_samples(tuple(source.shape), (count, channels, height, width), "compare_to")
+        yield (lambda start, n: source[start:start + n].float()), False
+        return
+    with open_npz_array(source, "arr_0") as reader:  # read in order, batch after batch
+        _check_same_samples(reader.shape, (count, height, width, channels), f"compare_to={source}")
+        yield (lambda _, n: torch.from_numpy(reader.read(n).copy()).permute(0, 3, 1, 2).float() / 127.5 - 1), True
+
+
+def _check_same_samples(theirs: tuple, ours: tuple, what: str) -> None:
+    if theirs != ours:
+        raise UserError(f"{what} holds samples of shape {theirs}, these are {ours}: compare runs with the same "
+                        "num_samples and model")

@@ -1,5 +1,6 @@
-"""Scoring samples with torchmetrics: FID, Inception-style score, class-conditional accuracy, the real-vs-real
-FID floor for the same sample count, and PSNR against the full-precision model's samples.
+"""Scoring samples with torchmetrics on the digits protocol: FID, Inception-style score, class-conditional accuracy
+and the real-vs-real FID floor for the same sample count; and PSNR against another run's samples. (The ImageNet
+protocol is `vq4dit.imagenet`.)
 
 A scorer owns a feature network (FID), a classifier (score and accuracy; may be None) and the real images:
 `reference` (FID's real side) and a disjoint `heldout` set (the floor: real images scored like samples).
@@ -8,7 +9,6 @@ A scorer owns a feature network (FID), a classifier (score and accuracy; may be 
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -30,6 +30,21 @@ class Scorer:
         if logits is not None:
             self.logits = logits.to(self.device).eval()
         self.reference, self.heldout, self.batch_size = reference, heldout, batch_size
+        self._images, self._labels = [], []
+
+    def check(self, num_samples: int, image_shape: tuple[int, int, int]) -> None:
+        if tuple(image_shape) != tuple(self.reference.shape[1:]):
+            raise UserError(f"this model makes {' x '.join(map(str, image_shape))} images, the metric's real "
+                            f"images are {' x '.join(map(str, self.reference.shape[1:]))}: choose the metric "
+                            "for this model")
+
+    def update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """A batch of samples (images in [-1, 1]); the digits are small enough to score all at once."""
+        self._images.append(images.float().cpu())
+        self._labels.append(labels.cpu())
+
+    def compute(self, seed: int = 0) -> dict:
+        return self.score(torch.cat(self._images), torch.cat(self._labels), seed)
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict:
@@ -86,42 +101,16 @@ def load_classifier(path: Path) -> DigitClassifier:
     return net.eval().requires_grad_(False)
 
 
-def inception_scorer(inception_weights: str, reference: str, batch_size: int = 64, device: str = "cpu") -> Scorer:
-    """The ImageNet protocol: torch-fidelity's Inception (local weights, `antialias=False` like ADM/torch-fidelity)
-    and real images from an `.npz` (uint8 N x H x W x 3 under `arr_0`, e.g. VIRTUAL_imagenet256_labeled.npz),
-    split in two halves: the reference side and the floor's held-out side."""
-    try:
-        from torchmetrics.image.fid import NoTrainInceptionV3
-        import torch_fidelity  # noqa: F401
-    except ImportError:
-        raise UserError("metric=imagenet needs the optional extra: pip install -e '.[inception]' "
-                        "(torch-fidelity; on a GPU machine with a matching torchvision)") from None
-    for name, p in (("metric.inception_weights", inception_weights), ("metric.reference", reference)):
-        if not Path(p).exists():
-            raise UserError(f"{name}={p} not found; give a local path")
-    features = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                  feature_extractor_weights_path=inception_weights, antialias=False)
-    features.num_features = 2048
-    logits = NoTrainInceptionV3(name="inception-v3-compat", features_list=["logits_unbiased"],
-                                feature_extractor_weights_path=inception_weights, antialias=False)
-    real = torch.from_numpy(np.load(reference)["arr_0"]).permute(0, 3, 1, 2)
-    half = len(real) // 2
-    # torch-fidelity's Inception wants uint8 images: wrap so the Scorer can feed [0, 1] floats
-    return Scorer(_Uint8(features), _Uint8(logits), real[:half].float() / 255, real[half:].float() / 255,
-                  batch_size, device)
+class SamplesPSNR:
+    """PSNR (dB) of samples against another run's samples from the same noise, both in [-1, 1] (data range 2),
+    accumulated over batches (torchmetrics sums the squared error): what `compare_to` reports."""
 
+    def __init__(self):
+        self.metric = PeakSignalNoiseRatio(data_range=2.0)
 
-class _Uint8(nn.Module):
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-        self.num_features = getattr(net, "num_features", None)
+    def update(self, images: torch.Tensor, reference: torch.Tensor) -> None:
+        self.metric.update(images.float().cpu(), reference.float().cpu())
 
-    def forward(self, images01: torch.Tensor) -> torch.Tensor:
-        return self.net((images01 * 255).round().to(torch.uint8))
-
-
-def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
-    """PSNR (dB) of images against reference images from the same noise, both in [-1, 1]."""
-    value = PeakSignalNoiseRatio(data_range=2.0)(images.float(), reference.float()).item()
-    return value if math.isfinite(value) else float("inf")
+    def compute(self) -> float:
+        value = self.metric.compute().item()
+        return value if math.isfinite(value) else float("inf")

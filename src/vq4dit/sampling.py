@@ -4,45 +4,70 @@ Noise comes from CPU generators seeded per run, so a fixed seed gives the same i
 re-run; callers pass a seed derived for their purpose (`vq4dit.seeds`), so evaluation and calibration never share
 noise. Guidance follows the original DiT: the model sees the batch twice (labels, then the null label) and only
 the first `guided_channels` output channels are mixed; the other channels (and a learned variance) keep the
-conditional prediction.
+conditional prediction. `precision` runs the model (and the VAE) under autocast in bf16 or fp16; the scheduler's
+arithmetic stays in fp32.
 """
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from diffusers import SchedulerMixin
 from tqdm.auto import tqdm
 
-from vq4dit.models import ConditionalDiT
+from vq4dit.errors import UserError
 from vq4dit import seeds
+from vq4dit.models import ConditionalDiT
 
 # called at every denoising step with the exact model input: (x_t, t, labels), CFG-doubled when guiding
 StepHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Sampler:
     def __init__(self, scheduler: SchedulerMixin, steps: int, guidance_scale: float, batch_size: int,
-                 device: str = "cpu"):
+                 device: str = "cpu", precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise UserError(f"sampler.precision={precision}; valid: {', '.join(PRECISIONS)}")
         self.scheduler, self.steps, self.guidance_scale = scheduler, steps, guidance_scale
-        self.batch_size, self.device = batch_size, torch.device(device)
+        self.batch_size, self.device, self.precision = batch_size, torch.device(device), precision
 
     @torch.no_grad()
     def sample(self, model: ConditionalDiT, labels: torch.Tensor, seed: int, progress: bool = True,
                on_step: StepHook | None = None, decode: bool = True) -> torch.Tensor:
         """Images in [-1, 1] (or model-space samples with decode=False), one per label, on the CPU."""
-        shape = (len(labels), model.in_channels, model.sample_size, model.sample_size)
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        return torch.cat([x.float().cpu() for _, x in self.batches(model, labels, seed, progress, on_step, decode)])
+
+    @torch.no_grad()
+    def batches(self, model: ConditionalDiT, labels: torch.Tensor, seed: int, progress: bool = True,
+                on_step: StepHook | None = None, decode: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
+        """(index of the batch's first sample, its images in [-1, 1] on the sampler's device), batch by batch,
+        so that any number of samples streams through constant memory. Same images as `sample`."""
+        shape = (model.in_channels, model.sample_size, model.sample_size)
+        # one generator drawn batch by batch: the same numbers as one draw for all samples whenever a batch's
+        # size is a multiple of 16 values (every latent and image shape here), without holding all the noise
+        noise = torch.Generator().manual_seed(seed)
         batches = range(0, len(labels), self.batch_size)
         bar = tqdm(total=len(batches) * self.steps, desc="sampling", disable=not progress, leave=False)
-        out = []
-        for b, start in enumerate(batches):
-            stop = start + self.batch_size
-            step_noise = seeds.generator(seed, f"step-noise-{b}")
-            x = self._denoise(model, noise[start:stop], labels[start:stop], step_noise, on_step, bar)
-            out.append((model.decode(x) if decode else x).float().cpu())
-        bar.close()
-        return torch.cat(out)
+        try:
+            for b, start in enumerate(batches):
+                y = labels[start:start + self.batch_size]
+                x = torch.randn((len(y), *shape), generator=noise)
+                step_noise = seeds.generator(seed, f"step-noise-{b}")
+                x = self._denoise(model, x, y, step_noise, on_step, bar)
+                if decode:
+                    with self.autocast():
+                        x = model.decode(x)
+                yield start, x.float()
+        finally:
+            bar.close()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _denoise(self, model, x, y, generator, on_step, bar) -> torch.Tensor:
         scheduler = copy.deepcopy(self.scheduler)
@@ -53,7 +78,8 @@ class Sampler:
         keep_variance = model.learns_sigma and scheduler.config.get("variance_type") in ("learned", "learned_range")
         for t in scheduler.timesteps:
             x_in = scheduler.scale_model_input(x, t)
-            out = self.guided_output(model, x_in, t, y, on_step)
+            with self.autocast():
+                out = self.guided_output(model, x_in, t, y, on_step)
             if not keep_variance:
                 out = out[:, : model.in_channels]
             x = scheduler.step(out.float(), t, x.float(), generator=generator).prev_sample.to(dtype)
@@ -66,12 +92,12 @@ class Sampler:
         if self.guidance_scale == 1.0:
             if on_step:
                 on_step(x, t_batch, y)
-            return model(x, t_batch, y)
+            return model(x, t_batch, y).float()
         x2, t2 = torch.cat([x, x]), torch.cat([t_batch, t_batch])
         y2 = torch.cat([y, torch.full_like(y, model.null_label)])
         if on_step:
             on_step(x2, t2, y2)
-        cond, uncond = model(x2, t2, y2).chunk(2)
+        cond, uncond = model(x2, t2, y2).float().chunk(2)  # mix in fp32 whatever precision the model ran in
         g = model.guided_channels or model.in_channels
         guided = cond.clone()
         guided[:, :g] = uncond[:, :g] + self.guidance_scale * (cond[:, :g] - uncond[:, :g])

@@ -17,6 +17,7 @@ from vq4dit.errors import UserError
 from vq4dit.models.original_format import from_original, is_original_state_dict
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_TORCH_WEIGHTS = "diffusion_pytorch_model.bin"
 
 
 def load_transformer_weights(transformer: DiTTransformer2DModel, path: Path, name: str) -> None:
@@ -37,6 +38,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         return _read_diffusers_folder(path)
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
+    return _read_torch_file(path)
+
+
+def _read_torch_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -63,10 +68,14 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_diffusers_folder(path: Path) -> dict[str, torch.Tensor]:
+    """A transformer folder, or a pipeline folder (facebook/DiT-XL-2-256) holding one under transformer/."""
     for folder in (path, path / "transformer"):
         if (folder / DIFFUSERS_WEIGHTS).exists():
             return _read_safetensors(folder / DIFFUSERS_WEIGHTS)
-    raise UserError(f"checkpoint folder {path} holds no {DIFFUSERS_WEIGHTS} (nor transformer/{DIFFUSERS_WEIGHTS})")
+        if (folder / DIFFUSERS_TORCH_WEIGHTS).exists():  # older folders: a torch.save'd state dict
+            return _read_torch_file(folder / DIFFUSERS_TORCH_WEIGHTS)
+    raise UserError(f"checkpoint folder {path} holds no {DIFFUSERS_WEIGHTS} or {DIFFUSERS_TORCH_WEIGHTS} "
+                    f"(nor under transformer/)")
 
 
 def _load_strict(transformer: DiTTransformer2DModel, state: dict, path: Path, name: str) -> None:

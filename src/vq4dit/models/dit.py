@@ -56,6 +56,14 @@ class ConditionalDiT(nn.Module):
         return self.transformer.config.sample_size
 
     @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of decoded samples."""
+        if self.vae is None:
+            return self.in_channels, self.sample_size, self.sample_size
+        side = self.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)  # the VAE's downsampling
+        return self.vae.config.out_channels, side, side
+
+    @property
     def learns_sigma(self) -> bool:
         return self.transformer.out_channels == 2 * self.in_channels
 
@@ -111,10 +119,15 @@ def load_dit(
     if weights is not None:
         load_transformer_weights(transformer, Path(weights), name)
     transformer.eval().requires_grad_(False)
-    autoencoder = None
-    if vae is not None:
-        if not Path(vae).is_dir():
-            raise UserError(f"model.vae={vae} is not a folder; give the local path of an AutoencoderKL "
-                            "(e.g. stabilityai/sd-vae-ft-ema downloaded with its config.json)")
-        autoencoder = AutoencoderKL.from_pretrained(vae).eval().requires_grad_(False)
+    autoencoder = None if vae is None else load_vae(Path(vae))
     return ConditionalDiT(transformer, name, guided_channels, autoencoder, latent_scale).eval()
+
+
+def load_vae(path: Path) -> AutoencoderKL:
+    """An AutoencoderKL folder (stabilityai/sd-vae-ft-ema or -mse), or a diffusers pipeline folder holding one
+    under vae/ (facebook/DiT-XL-2-256)."""
+    folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+    if not (folder / "config.json").is_file():
+        raise UserError(f"model.vae={path} holds no config.json (nor vae/config.json); give the local folder of an "
+                        "AutoencoderKL such as stabilityai/sd-vae-ft-ema, downloaded with its config.json")
+    return AutoencoderKL.from_pretrained(folder, local_files_only=True).eval().requires_grad_(False)
