@@ -70,3 +70,16 @@ def test_a_training_step_touches_only_the_students_device(block_and_rows):
     assert loss.device == META
     loss.backward()
     assert all(layer.logits.grad is not None and layer.logits.grad.device == META for layer in layers.values())
+
+
+def test_calibration_keeps_label_embedders_in_eval_mode(block_and_rows):
+    """Lightning puts the module in train mode for fit; diffusers' label embedder would then drop labels at
+    random. The student must stay in eval mode, so its output equals the fp block's on the same input."""
+    block, rows = block_and_rows
+    data = BlockData(copy.deepcopy(block), 0, rows, rows, torch.device("cpu"), seed=0)
+    module = BlockCalibration(copy.deepcopy(block), {}, VQ4DiT(VQPreset(k=16, d=2)), FitSettings(), data)
+    module.train()
+    embedder = module.student.norm1.emb.class_embedder
+    assert embedder.dropout_prob > 0 and not embedder.training and module.training
+    h, t, y, _ = rows
+    torch.testing.assert_close(module(h, t, y), block(h, timestep=t, class_labels=y))
