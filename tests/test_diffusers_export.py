@@ -183,3 +183,12 @@ def test_importing_vq4dit_imports_neither_torch_nor_diffusers():
     code = "import sys, vq4dit; print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("first", ["import vq4dit", "from vq4dit.deploy.export import export_diffusers",
+                                   "from vq4dit.deploy.diffusers_quantizer import VQ4DiTConfig",
+                                   "import diffusers.quantizers; import vq4dit"])
+def test_the_backend_is_registered_whatever_is_imported_first(first):
+    code = f"{first}\nfrom diffusers.quantizers import auto\nprint(auto.AUTO_QUANTIZER_MAPPING['vq4dit'].__name__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "VQ4DiTQuantizer", result.stderr[-2000:]

@@ -19,11 +19,12 @@ log = logging.getLogger(__name__)
 OUTPUTS = ("metrics.json", "samples.png", "samples.safetensors")
 
 
-def load_model(model_cfg: DictConfig, ckpt: str) -> ConditionalDiT:
-    """A quantized checkpoint folder (manifest.json) or full-precision weights for the configured model."""
+def load_model(model_cfg: DictConfig, ckpt: str, decode: str = "per_forward") -> ConditionalDiT:
+    """A quantized checkpoint folder (manifest.json) or full-precision weights for the configured model;
+    `decode` says how a quantized one runs (per_forward: codes decoded in each forward; once: dense)."""
     path = Path(ckpt)
     if is_quantized_checkpoint(path):
-        return load_quantized(path, model_cfg)
+        return load_quantized(path, model_cfg, decode=decode)
     return instantiate(model_cfg, weights=str(path))
 
 
@@ -52,7 +53,7 @@ def evaluate(cfg: DictConfig) -> dict:
     for name in OUTPUTS:  # refuse before minutes of sampling, not after
         fresh(out / name)
     reference = _reference_samples(cfg.get("compare_to"))
-    model = load_model(cfg.model, cfg.ckpt)
+    model = load_model(cfg.model, cfg.ckpt, cfg.get("decode", "per_forward"))
     images, labels, metrics = sample_and_score(cfg, model, reference)
     metrics = {"ckpt": str(cfg.ckpt), **metrics}
     write_json(out / "metrics.json", metrics)

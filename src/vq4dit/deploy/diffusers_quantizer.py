@@ -23,6 +23,8 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 from torch import nn
 
+from vq4dit.deploy.registration import register_with_diffusers
+
 METHOD = "vq4dit"
 # diffusers versions whose loading path this backend was run against: the installed one by the tests, the others
 # (0.33.1, 0.34.0, 0.35.2, 0.38.0) by hand, each wheel's package first on PYTHONPATH (README).
@@ -210,3 +212,6 @@ class StoredTensorsPlaceholder(nn.Module):
 
     def forward(self, x):
         raise RuntimeError("a vq4dit layer was not loaded from the folder")
+
+
+register_with_diffusers()  # where importing this module was what brought diffusers' quantizers in

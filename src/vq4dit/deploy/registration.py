@@ -11,6 +11,7 @@ import importlib.util
 import sys
 
 AUTO = "diffusers.quantizers.auto"
+BACKEND = "vq4dit.deploy.diffusers_quantizer"
 
 
 def register_with_diffusers() -> None:
@@ -21,6 +22,9 @@ def register_with_diffusers() -> None:
 
 
 def _register(auto) -> None:
+    backend = sys.modules.get(BACKEND)
+    if backend is not None and not hasattr(backend, "VQ4DiTQuantizer"):
+        return  # the backend's own import brought diffusers' quantizers in; it registers itself when complete
     from vq4dit.deploy.diffusers_quantizer import METHOD, VQ4DiTConfig, VQ4DiTQuantizer
 
     auto.AUTO_QUANTIZATION_CONFIG_MAPPING[METHOD] = VQ4DiTConfig
