@@ -20,7 +20,7 @@ import diffusers
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
-from vq4dit.deploy.diffusers_quantizer import METHOD, VQ4DiTConfig
+from vq4dit.deploy.diffusers_quantizer import VQ4DiTConfig
 from vq4dit.errors import UserError, instantiate
 from vq4dit.models import ConditionalDiT
 from vq4dit.quant.checkpoint import VERSION, is_quantized_checkpoint, load_quantized, read_manifest, stored_state
@@ -66,7 +66,6 @@ def export(cfg: DictConfig) -> Path:
         manifest = read_manifest(source)
         model = load_quantized(source)
         provenance = {key: manifest[key] for key in ("method", "sizes") if key in manifest}
-        provenance["method_name"] = METHOD if "method" not in manifest else manifest["method"].get("name")
     else:
         model, provenance = instantiate(cfg.model, weights=str(source)), {"source": "full precision"}
     folder = export_diffusers(model, out, cfg.decode, provenance)
