@@ -1,13 +1,15 @@
 """What a quantized checkpoint costs on disk and at load: file size against its fp32 model, and the peak memory
 of loading it (project loader in both decode modes, and diffusers' from_pretrained of its export), each in a
-fresh process. For the reference digits DiT quantized with k-means VQ at w2, one DiT-XL/2-shaped block and the
-whole DiT-XL/2 shape (random codes; load cost does not depend on values).
+fresh process. For the reference digits DiT's shape, one DiT-XL/2-shaped block and the whole DiT-XL/2 shape, all
+at w2 (k=256, d=4) with random codes: file size and load cost do not depend on the values (a k-means w2
+checkpoint of the shipped digits DiT has the same tensors: `--digits-ckpt` measures one).
 
     python benchmarks/load_memory.py                     # -> benchmarks/results/load/
 
 Peak: the process's resident-set high-water mark (Linux /proc/self/status VmHWM, reset just before the load;
-glibc told to map large blocks so freed memory leaves), above the resident set just before; it counts the file
-pages read too. A second load is measured: the first pays for imports and one-time allocations.
+glibc told to map large blocks so freed memory leaves), above the resident set just before. The project loader
+reads the file with plain reads, a tensor at a time; diffusers maps the file, so its peak also counts the file
+pages it touched. A second load is measured: the first pays for imports and one-time allocations.
 """
 
 import argparse
@@ -20,13 +22,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness import ROOT, config, fresh_dir, write_results
+from harness import ROOT, fresh_dir, write_results
 from vq4dit.deploy.export import export_diffusers
 from vq4dit.deploy.memory import CPU_PROBE_ENV
 from vq4dit.deploy.synthetic import DIT_XL_2, random_quantized_dit
 from vq4dit.quant.checkpoint import load_quantized, read_manifest, save_quantized
 from vq4dit.quant.presets import VQPreset
-from vq4dit.quantize import quantize
 
 PROBE = """
 import json, sys, torch
@@ -53,24 +54,24 @@ def probe(how: str, path: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def digits_checkpoint(work: Path) -> Path:
-    cfg = config("train", "method=kmeans", "quant=w2", "log_samples=0", f"paths.output_dir={work / 'run'}",
-                 f"paths.log_dir={work / 'logs'}", "trainer.enable_progress_bar=false")
-    return quantize(cfg)
+DIGITS = dict(num_attention_heads=4, attention_head_dim=64, in_channels=1, out_channels=1, num_layers=6,
+              sample_size=16, patch_size=4, num_embeds_ada_norm=10, norm_eps=1e-6)  # configs/model/dit_digits.yaml
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/load"))
+    p.add_argument("--digits-ckpt", help="a quantized checkpoint of the digits DiT to measure as well")
     args = p.parse_args()
     out = fresh_dir(Path(args.out))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        models = {"digits DiT, k-means VQ w2 (calibrated here)": digits_checkpoint(work)}
-        for name, blocks in (("one DiT-XL/2-shaped block, w2", 1), ("DiT-XL/2 shape (28 blocks), w2", 28)):
-            arch = {**DIT_XL_2, "num_layers": blocks}
-            models[name] = save_quantized(random_quantized_dit(arch, VQPreset(256, 4)), work / f"xl{blocks}")
+        models = {} if args.digits_ckpt is None else {f"digits DiT, {args.digits_ckpt}": Path(args.digits_ckpt)}
+        for name, arch in (("digits DiT shape, w2", DIGITS), ("one DiT-XL/2-shaped block, w2", {**DIT_XL_2, "num_layers": 1}),
+                           ("DiT-XL/2 shape (28 blocks), w2", DIT_XL_2)):
+            models[name] = save_quantized(random_quantized_dit(arch, VQPreset(256, 4), name=name.split(",")[0]),
+                                          work / f"ckpt-{len(models)}")
         for name, ckpt in models.items():
             sizes = read_manifest(ckpt)["sizes"]
             exported = export_diffusers(load_quantized(ckpt), work / f"export-{len(rows)}")

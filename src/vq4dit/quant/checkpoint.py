@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from vq4dit.errors import UserError, instantiate
@@ -112,13 +112,14 @@ def load_quantized(folder: Path, model_cfg: DictConfig | None = None, *, decode:
     transformer = model.transformer
     share_embedders(transformer, manifest.get("shared", {}))
     try:
-        with safe_open(folder / TENSORS, "pt", device=str(torch.device(device))) as f:
+        with TensorFile(folder / TENSORS) as f:
             keys = set(f.keys())
-            for name, layer, used in read_layers(f.get_tensor, keys, manifest["layers"]):
+            read = lambda key: f.get_tensor(key).to(device)  # noqa: E731
+            for name, layer, used in read_layers(read, keys, manifest["layers"]):
                 replace_layer(transformer, name, _cast_bias(layer, dtype))
                 keys -= used
-            rest = {key: _cast(f.get_tensor(key), dtype) for key in keys}
-    except (SafetensorError, OSError) as e:
+            rest = {key: _cast(read(key), dtype) for key in keys}
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot read {folder / TENSORS}: {e}") from None
     unexpected = transformer.load_state_dict(rest, strict=False, assign=True).unexpected_keys
     missing = [n for n, t in [*transformer.named_parameters(), *transformer.named_buffers()] if t.is_meta]
@@ -129,6 +130,41 @@ def load_quantized(folder: Path, model_cfg: DictConfig | None = None, *, decode:
     if decode == "once":
         decode_once(model.transformer, dtype or torch.float32)
     return model
+
+
+class TensorFile:
+    """Reads one tensor of a safetensors file at a time with plain file reads. safetensors' own reader maps the
+    whole file, and every page it touched stays in the process's memory until the file is closed, so a load
+    would peak at the file plus the model; here the peak is the model plus one tensor."""
+
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+    def __init__(self, path: Path):
+        self.file = open(path, "rb")  # noqa: SIM115 (closed by __exit__)
+        length = int.from_bytes(self.file.read(8), "little")
+        self.header = json.loads(self.file.read(length))
+        self.header.pop("__metadata__", None)
+        self.start = 8 + length
+
+    def __enter__(self) -> "TensorFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        entry = self.header[key]
+        begin, end = entry["data_offsets"]
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        self.file.seek(self.start + begin)
+        if self.file.readinto(out.numpy()) != end - begin:
+            raise ValueError(f"{key} is truncated")
+        return out.view(self.DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 def read_layers(read, keys: set[str], records: dict[str, dict]):
