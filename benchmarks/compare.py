@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from harness import ROOT, config, fresh_dir, labelled_rows, write_results
 from vq4dit.errors import instantiate
 from vq4dit.evaluate import load_model, sample_and_score
-from vq4dit.quant.checkpoint import TENSORS, load_quantized, read_manifest
+from vq4dit.models.embedders import shared_embedders
+from vq4dit.quant.checkpoint import TENSORS, VERSION, load_quantized, read_manifest, save_quantized
 from vq4dit.quantize import build_method, quantize
 
 ROWS = ["rtn-w4pc", "rtn-w4g64", "gptq-w4pc", "gptq-w4g64", "kmeans-w4", "classic_vq-w4", "vq4dit-w4",
@@ -65,6 +66,9 @@ def main() -> None:
         print(row_md(row, results[row], fp), flush=True)
     if out is None:
         return
+    for runs in results.values():  # sizes in today's checkpoint format, whatever format a cached row was made in
+        for run in runs:
+            run["checkpoint_bytes"] = checkpoint_bytes(run)
     summary = {name: summarize(runs) for name, runs in results.items()}
     figure = [(name, load_file(runs[0]["samples"])["images"].float()) for name, runs in results.items()]
     labelled_rows(figure, load_file(fp["samples"])["labels"]).save(out / "samples.png")
@@ -93,7 +97,7 @@ def run_fp(eval_cfg, scorer, reps: int) -> dict:
     images, labels, metrics = sample_and_score(eval_cfg, model)
     params = sum(p.numel() for p in model.transformer.parameters())
     row = {**metrics, "fid_eval_sd": fid_bootstrap_sd(scorer, images, reps), "bits": 32.0,
-           "checkpoint_bytes": 4 * params, "calibration_s": None}
+           "checkpoint_bytes": 4 * params, "calibration_s": None, "checkpoint": None}
     return _store(folder, row, images, labels)
 
 
@@ -117,6 +121,23 @@ def run_row(row: str, seed: int, eval_cfg, scorer, fp: dict, reps: int) -> dict:
               "kept_start_blocks": sum(b["kept"] == "start" for b in blocks) if "method_mse" in blocks[0] else None,
               "shipped_block_mse": statistics.mean(b["shipped_mse"] for b in blocks)}
     return _store(folder, result, images, labels)
+
+
+def checkpoint_bytes(run: dict) -> int:
+    """Bytes of the tensor file in the current checkpoint format (a row made in an older format is re-saved once,
+    next to its checkpoint); for the fp model, its fp32 parameters with diffusers' per-block embedder copies once."""
+    if run.get("checkpoint") is None:
+        model = load_model(config("eval", f"ckpt={ROOT / 'data/dit_digits'}").model, str(ROOT / "data/dit_digits"))
+        aliases = tuple(f"{alias}." for alias in shared_embedders(model.transformer))
+        return 4 * sum(p.numel() for n, p in model.transformer.named_parameters() if not n.startswith(aliases))
+    ckpt = Path(run["checkpoint"])
+    manifest = read_manifest(ckpt)
+    if manifest["version"] != VERSION:
+        current = ckpt.with_name("checkpoint-current")
+        if not current.exists():
+            save_quantized(load_quantized(ckpt), current, manifest)
+        ckpt = current
+    return os.path.getsize(ckpt / TENSORS)
 
 
 def fid_bootstrap_sd(scorer, images: torch.Tensor, reps: int, seed: int = 0) -> float:

@@ -27,11 +27,12 @@ log = logging.getLogger(__name__)
 OUTPUTS = ("metrics.json", "samples.png", "samples.npz")
 
 
-def load_model(model_cfg: DictConfig, ckpt: str) -> ConditionalDiT:
-    """A quantized checkpoint folder (manifest.json) or full-precision weights for the configured model."""
+def load_model(model_cfg: DictConfig, ckpt: str, decode: str = "per_forward") -> ConditionalDiT:
+    """A quantized checkpoint folder (manifest.json) or full-precision weights for the configured model;
+    `decode` says how a quantized one runs (per_forward: codes decoded in each forward; once: dense)."""
     path = Path(ckpt)
     if is_quantized_checkpoint(path):
-        return load_quantized(path, model_cfg)
+        return load_quantized(path, model_cfg, decode=decode)
     return instantiate(model_cfg, weights=str(path))
 
 
@@ -78,7 +79,7 @@ def evaluate(cfg: DictConfig) -> dict:
         fresh(out / name)
     compare_to = _compare_to_path(cfg.get("compare_to"))
     scorer = instantiate(cfg.metric)
-    model = load_model(cfg.model, cfg.ckpt)
+    model = load_model(cfg.model, cfg.ckpt, cfg.get("decode", "per_forward"))
     images, labels, metrics = sample_and_score(cfg, model, compare_to, scorer=scorer, samples=out / "samples.npz",
                                                keep="grid")
     metrics = {"ckpt": str(cfg.ckpt), **metrics}

@@ -6,6 +6,7 @@ MLP LayerNorm (1e-5 vs 1e-6). `timestep_shift=0` and `norm_eps=1e-6` in the mode
 the third difference, which channels classifier-free guidance mixes, is `guided_channels` (see sampling.py).
 """
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -90,13 +91,23 @@ class ConditionalDiT(nn.Module):
         return self.vae.decode(x / self.latent_scale).sample.clamp(-1, 1)
 
 
-def build_transformer(arch: dict, timestep_shift: float = 0.0, seed: int = 0) -> DiTTransformer2DModel:
-    """A randomly initialised transformer (seeded) with the configured timestep-frequency convention."""
+def build_transformer(arch: dict, timestep_shift: float = 0.0, seed: int = 0,
+                      empty: bool = False) -> DiTTransformer2DModel:
+    """A randomly initialised transformer (seeded) with the configured timestep-frequency convention; with
+    `empty`, its parameters are on the meta device (nothing allocated; buffers stay real), for a loader that
+    fills every one."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = DiTTransformer2DModel(**arch)
+        with _empty_parameters() if empty else nullcontext():
+            transformer = DiTTransformer2DModel(**arch)
     set_timestep_shift(transformer, timestep_shift)
     return transformer
+
+
+def _empty_parameters():
+    from accelerate import init_empty_weights  # imported here: only loaders need it
+
+    return init_empty_weights(include_buffers=False)
 
 
 def set_timestep_shift(transformer: DiTTransformer2DModel, shift: float) -> None:
@@ -113,9 +124,11 @@ def load_dit(
     vae: str | None = None,
     latent_scale: float = 1.0,
     seed: int = 0,
+    empty: bool = False,
 ) -> ConditionalDiT:
-    """Build the configured DiT; load `weights` (original `.pt`, diffusers folder or `.safetensors`) if given."""
-    transformer = build_transformer(dict(arch), timestep_shift, seed)
+    """Build the configured DiT; load `weights` (original `.pt`, diffusers folder or `.safetensors`) if given.
+    `empty` (without weights): parameters on the meta device, for a loader that fills them."""
+    transformer = build_transformer(dict(arch), timestep_shift, seed, empty=empty and weights is None)
     if weights is not None:
         load_transformer_weights(transformer, Path(weights), name)
     transformer.eval().requires_grad_(False)

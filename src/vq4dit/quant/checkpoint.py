@@ -1,29 +1,39 @@
 """The quantized checkpoint: a folder with `model.safetensors` and `manifest.json`.
 
 Every quantized linear is stored in its deployed layer type's own form (`QuantizedLinear.stored`: bit-packed
-codes, codebook or scales/zeros, bias) under `<layer>.<tensor>`, and the manifest records each layer's type and
-parameters, so loading dispatches on the record, never on tensor names. Every other tensor of the transformer is
-stored as it is. The manifest also holds the model config (the architecture is rebuilt without the
-full-precision weights), the method and preset, per-block calibration statistics, and sizes counted from the
-stored tensors next to fp32/fp16.
+codes, codebook or scales/zeros, bias) under `<layer>.<tensor>`, and the manifest records each layer's type,
+parameters and tensor names, so loading dispatches on the record, never on tensor names. Every other tensor of the
+transformer is stored as it is, once: a block's timestep/label embedder that equals block 0's is not stored again
+(`shared` in the manifest; models/embedders.py). The manifest also holds the model config (the architecture is
+rebuilt without the full-precision weights), the method and preset, per-block calibration statistics, and sizes
+counted from the stored tensors next to fp32/fp16.
+
+Loading builds the architecture with its parameters on the meta device, reads one layer's tensors at a time
+from the file and puts the deployed layer in place, so the peak is the quantized model plus one layer's
+temporaries: the full-precision model is never allocated.
 """
 
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from vq4dit.errors import UserError, instantiate
 from vq4dit.models import ConditionalDiT
+from vq4dit.models.embedders import share_embedders, shared_embedders
 from vq4dit.quant.block_layers import replace_layer
+from vq4dit.quant.decode import DECODE_MODES, decode_once
 from vq4dit.quant.quantized_linear import QuantizedLinear, from_stored
 
 FORMAT = "vq4dit-checkpoint"
-VERSION = 2
+VERSION = 3  # 3: embedders equal to block 0's are stored once ("shared"); records name their tensors' dtypes
+READABLE_VERSIONS = (2, 3)
 MANIFEST, TENSORS = "manifest.json", "model.safetensors"
 
 
@@ -35,6 +45,33 @@ def quantized_layers(model: ConditionalDiT) -> dict[str, QuantizedLinear]:
     return {n: m for n, m in model.transformer.named_modules() if isinstance(m, QuantizedLinear)}
 
 
+@dataclass
+class StoredState:
+    """A transformer as it is written: tensors by name, each quantized layer's record, the shared embedders."""
+
+    tensors: dict[str, torch.Tensor]
+    layers: dict[str, dict]
+    shared: dict[str, str]
+
+
+def stored_state(transformer: torch.nn.Module) -> StoredState:
+    layers = {n: m for n, m in transformer.named_modules() if isinstance(m, QuantizedLinear)}
+    shared = shared_embedders(transformer)
+    tensors, records = {}, {}
+    for name, layer in layers.items():
+        stored, record = layer.stored()
+        tensors.update({f"{name}.{key}": t for key, t in stored.items()})
+        encoding = sum(t.numel() * t.element_size() for key, t in stored.items() if key != "bias")
+        dtypes = {key: str(stored[key].dtype).removeprefix("torch.") for key in sorted(stored)}
+        records[name] = {**record, "tensors": dtypes, "bits_per_weight": 8 * encoding / layer.num_weights}
+    skipped = tuple(f"{alias}." for alias in shared)
+    for name, tensor in transformer.state_dict().items():
+        if name.rpartition(".")[0] not in layers and not name.startswith(skipped):
+            tensors[name] = tensor
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return StoredState(tensors, records, shared)
+
+
 def save_quantized(model: ConditionalDiT, folder: Path, manifest: dict | None = None) -> Path:
     """Written into `<folder>.tmp` and renamed, so a crash never leaves a half checkpoint under the real name.
     `manifest["model"]` is the model config `load_quantized` rebuilds (default: the model's own architecture)."""
@@ -42,32 +79,28 @@ def save_quantized(model: ConditionalDiT, folder: Path, manifest: dict | None = 
     manifest = {"model": model.config_record(), **(manifest or {})}
     if folder.exists():
         raise UserError(f"{folder} already exists; earlier results are never overwritten")
-    layers = quantized_layers(model)
-    tensors, records = {}, {}
-    for name, layer in layers.items():
-        stored, record = layer.stored()
-        tensors.update({f"{name}.{key}": t for key, t in stored.items()})
-        encoding = sum(t.numel() * t.element_size() for key, t in stored.items() if key != "bias")
-        records[name] = {**record, "bits_per_weight": 8 * encoding / layer.num_weights}
-    for name, tensor in model.transformer.state_dict().items():
-        if name.rpartition(".")[0] not in layers:
-            tensors[name] = tensor
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    manifest = {"format": FORMAT, "version": VERSION, **manifest, "layers": records,
-                "sizes": size_report(layers, tensors)}
+    state = stored_state(model.transformer)
+    manifest = {"format": FORMAT, "version": VERSION, **manifest, "layers": state.layers, "shared": state.shared,
+                "sizes": size_report(state)}
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(tensors, tmp / TENSORS)
+    save_file(state.tensors, tmp / TENSORS)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, folder)
     return folder
 
 
-def load_quantized(folder: Path, model_cfg: DictConfig | None = None) -> ConditionalDiT:
+def load_quantized(folder: Path, model_cfg: DictConfig | None = None, *, decode: str = "per_forward",
+                   dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> ConditionalDiT:
     """Rebuild the architecture (from `model_cfg`, checked against the manifest, or from the manifest's own model
-    config) and put the stored deployed layers in place of the quantized linears."""
+    config) without its weights and fill it from the file on `device`. `decode="per_forward"` keeps the codes and
+    decodes each layer's weight in its forward; `"once"` makes every quantized layer a dense `nn.Linear` of
+    `dtype` (default fp32). `dtype` also sets the dtype of every full-precision tensor and of the activations;
+    codebooks and scales keep their own."""
     folder = Path(folder)
+    if decode not in DECODE_MODES:
+        raise UserError(f"decode={decode}; valid: {', '.join(DECODE_MODES)}")
     manifest = read_manifest(folder)
     stored = manifest["model"]
     if model_cfg is None:
@@ -75,18 +108,86 @@ def load_quantized(folder: Path, model_cfg: DictConfig | None = None) -> Conditi
     elif stored["name"] != model_cfg.name or stored["arch"] != OmegaConf.to_container(model_cfg.arch):
         raise UserError(f"checkpoint {folder} holds a quantized {stored['name']}, not model={model_cfg.name}; "
                         f"pass model={stored['name']}")
-    model = instantiate(model_cfg, weights=None)
-    tensors = load_file(folder / TENSORS)
-    for name, record in manifest["layers"].items():
-        prefix = f"{name}."
-        own = {key[len(prefix):]: tensors.pop(key) for key in [k for k in tensors if k.startswith(prefix)]}
-        replace_layer(model.transformer, name, from_stored(own, record))
-    missing, unexpected = model.transformer.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if k.rpartition(".")[0] not in manifest["layers"]]
+    model = instantiate(model_cfg, weights=None, empty=True)
+    transformer = model.transformer
+    share_embedders(transformer, manifest.get("shared", {}))
+    try:
+        with TensorFile(folder / TENSORS) as f:
+            keys = set(f.keys())
+            read = lambda key: f.get_tensor(key).to(device)  # noqa: E731
+            for name, layer, used in read_layers(read, keys, manifest["layers"]):
+                replace_layer(transformer, name, _cast_bias(layer, dtype))
+                keys -= used
+            rest = {key: _cast(read(key), dtype) for key in keys}
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot read {folder / TENSORS}: {e}") from None
+    unexpected = transformer.load_state_dict(rest, strict=False, assign=True).unexpected_keys
+    missing = [n for n, t in [*transformer.named_parameters(), *transformer.named_buffers()] if t.is_meta]
     if missing or unexpected:
         raise UserError(f"checkpoint {folder} is incomplete or from another model: "
                         f"{(missing or unexpected)[0]} ({len(missing)} missing, {len(unexpected)} unexpected)")
-    return model.eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)
+    if decode == "once":
+        decode_once(model.transformer, dtype or torch.float32)
+    return model
+
+
+class TensorFile:
+    """Reads one tensor of a safetensors file at a time with plain file reads. safetensors' own reader maps the
+    whole file, and every page it touched stays in the process's memory until the file is closed, so a load
+    would peak at the file plus the model; here the peak is the model plus one tensor."""
+
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+    def __init__(self, path: Path):
+        self.file = open(path, "rb")  # noqa: SIM115 (closed by __exit__)
+        length = int.from_bytes(self.file.read(8), "little")
+        self.header = json.loads(self.file.read(length))
+        self.header.pop("__metadata__", None)
+        self.start = 8 + length
+
+    def __enter__(self) -> "TensorFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        entry = self.header[key]
+        begin, end = entry["data_offsets"]
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        self.file.seek(self.start + begin)
+        if self.file.readinto(out.numpy()) != end - begin:
+            raise ValueError(f"{key} is truncated")
+        return out.view(self.DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def read_layers(read, keys: set[str], records: dict[str, dict]):
+    """(name, deployed layer, the keys it used) for every record, reading each layer's tensors with `read(key)`
+    as it goes. A record lists its tensors (version 3); a version-2 record takes every key under its prefix."""
+    for name, record in records.items():
+        prefix = f"{name}."
+        names = list(record.get("tensors") or []) or [k[len(prefix):] for k in keys
+                                           if k.startswith(prefix) and "." not in k[len(prefix):]]
+        absent = [n for n in names if prefix + n not in keys]
+        if absent or not names:
+            raise UserError(f"the quantized checkpoint has no {prefix}{absent[0] if absent else '*'} tensor")
+        yield name, from_stored({n: read(prefix + n) for n in names}, record), {prefix + n for n in names}
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def _cast_bias(layer: QuantizedLinear, dtype: torch.dtype | None) -> QuantizedLinear:
+    if dtype is not None and layer.bias is not None:
+        layer.bias.data = layer.bias.data.to(dtype)
+    return layer
 
 
 def read_manifest(folder: Path) -> dict:
@@ -96,25 +197,29 @@ def read_manifest(folder: Path) -> dict:
         raise UserError(f"cannot read {Path(folder) / MANIFEST}: {e}") from None
     if manifest.get("format") != FORMAT:
         raise UserError(f"{Path(folder) / MANIFEST} is not a {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise UserError(f"{Path(folder) / MANIFEST} is format version {manifest.get('version')}; this code reads "
-                        f"version {VERSION} (re-run train.py to rewrite the checkpoint)")
+                        f"versions {', '.join(map(str, READABLE_VERSIONS))} (re-run train.py to rewrite the checkpoint)")
     return manifest
 
 
-def size_report(layers: dict[str, QuantizedLinear], tensors: dict[str, torch.Tensor]) -> dict:
-    """Bytes as stored, for the whole transformer and for the quantized linears, next to fp32 and fp16; bits per
-    weight of the quantized linears counted from their stored tensors (codes + codebooks / scales / zeros, biases
-    apart)."""
+def size_report(state: StoredState) -> dict:
+    """Bytes as stored, for the whole transformer and for the quantized linears, next to fp32 and fp16, and bits
+    per weight. Parameters are counted once each (a shared embedder once), as the original DiT has them.
+    `blocks_bits_per_weight`: codes + codebooks / scales / zeros of the quantized linears per weight, biases
+    apart; `model_bits_per_weight`: every stored byte per parameter of the transformer."""
+    tensors, layers = state.tensors, state.layers
     nbytes = lambda names: sum(tensors[n].numel() * tensors[n].element_size() for n in names)  # noqa: E731
     quantized = [n for n in tensors if n.rpartition(".")[0] in layers]
     biases = [n for n in quantized if n.endswith(".bias")]
-    weights = sum(layer.num_weights for layer in layers.values())
+    weights = sum(r["shape"][0] * r["shape"][1] for r in layers.values())
     linear_params = weights + sum(tensors[n].numel() for n in biases)
     total_params = linear_params + sum(t.numel() for n, t in tensors.items() if n not in quantized)
     return {
         "model_bytes": nbytes(tensors), "model_fp32_bytes": 4 * total_params, "model_fp16_bytes": 2 * total_params,
+        "model_params": total_params, "model_bits_per_weight": 8 * nbytes(tensors) / max(total_params, 1),
         "blocks_bytes": nbytes(quantized), "blocks_fp32_bytes": 4 * linear_params, "blocks_fp16_bytes": 2 * linear_params,
         "blocks_encoding_bytes": nbytes(quantized) - nbytes(biases),
         "blocks_bits_per_weight": 8 * (nbytes(quantized) - nbytes(biases)) / max(weights, 1),
+        "shared_embedders": len(state.shared),
     }

@@ -37,6 +37,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         if low < 0 or high >= 1 << bits:
             bad = low if low < 0 else high
             raise ValueError(f"code {bad} does not fit in {bits} bits (valid codes: 0..{(1 << bits) - 1})")
+    if bits == 8:  # the stream is the codes' own bytes
+        return codes.to(torch.uint8)
     codes = codes.to(smallest_code_dtype(1 << bits))
     n_bytes = math.ceil(len(codes) * bits / 8)
     stream = torch.zeros(n_bytes * 8, dtype=torch.uint8, device=codes.device)  # one byte per bit, zero padded
@@ -57,6 +59,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if packed.dtype != torch.uint8 or packed.dim() != 1 or len(packed) < n_bytes:
         raise ValueError(f"packed must be 1-D uint8 with at least {n_bytes} bytes for {count} {bits}-bit codes, "
                          f"got {packed.dtype} of shape {tuple(packed.shape)}")
+    if bits == 8:
+        return packed[:count].clone()
     stream = torch.empty(n_bytes, 8, dtype=torch.uint8, device=packed.device)
     for j in range(8):
         stream[:, j] = (packed[:n_bytes] >> j) & 1

@@ -5,6 +5,10 @@ Every deployed layer type (VQ codes + codebook, uniform integer codes + per-grou
 (codes bit-packed to their width) and a JSON-able record of the layer's type and parameters; `from_stored`
 rebuilds the layer from both. Loading dispatches on the recorded type through `LAYER_TYPES`, never on tensor
 names, so a new layer type is one subclass.
+
+Inference (quant/decode.py): without autograd a forward decodes the weight tile by tile (`decode_rows`) into a
+reused buffer and runs the dense GEMM on each tile; `to_dense` gives the `nn.Linear` for `decode=once`. With
+autograd (calibration trains codebooks, scales, biases) it goes through `dequantize()`, which is differentiable.
 """
 
 from typing import ClassVar
@@ -12,6 +16,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vq4dit.quant.decode import decoded_linear, dense_linear
 
 LAYER_TYPES: dict[str, type["QuantizedLinear"]] = {}
 
@@ -32,8 +38,19 @@ class QuantizedLinear(nn.Module):
         """The dense (out, in) weight this layer stands for: the reference path for tests and decoding."""
         raise NotImplementedError
 
+    def decode_rows(self, start: int, stop: int, out: torch.Tensor) -> None:
+        """Write rows [start, stop) of the dense weight into `out` ((stop - start) x in, its own dtype); layer
+        types override this with a decode of only those rows."""
+        out.copy_(self.dequantize()[start:stop])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return decoded_linear(self, x)
+
+    def to_dense(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The dense layer this one stands for (`decode=once`)."""
+        return dense_linear(self, dtype)
 
     @property
     def num_weights(self) -> int:

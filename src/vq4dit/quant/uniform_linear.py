@@ -110,6 +110,12 @@ class UniformLinear(QuantizedLinear):
     def dequantize(self) -> torch.Tensor:
         return decode(self.codes.float(), self.grid())
 
+    def decode_rows(self, start: int, stop: int, out: torch.Tensor) -> None:
+        rows, groups = stop - start, self.scale.shape[1]
+        q = self.codes[start:stop].float().view(rows, groups, -1)  # in fp32, as dequantize(): then one rounding
+        w = (q - self.zero[start:stop, :, None].float()) * self.scale[start:stop, :, None].float()
+        out.copy_(w.view(rows, self.in_features))
+
     def stored(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {"codes_packed": pack_codes(self.codes.reshape(-1), self.bits),
                    "scale": self.scale.to(SCALE_DTYPE), **self._stored_bias()}

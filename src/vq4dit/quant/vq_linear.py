@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vq4dit.quant.decode import gather_rows
 from vq4dit.quant.kmeans import kmeans, nearest
 from vq4dit.quant.packing import code_bits, pack_codes, smallest_code_dtype, unpack_codes
 from vq4dit.quant.quantized_linear import QuantizedLinear, linear_bias
@@ -64,6 +65,10 @@ class VQLinear(QuantizedLinear):
 
     def dequantize(self) -> torch.Tensor:
         return F.embedding(self.codes.long(), self.codebook).reshape(self.out_features, self.in_features)
+
+    def decode_rows(self, start: int, stop: int, out: torch.Tensor) -> None:
+        per_row = self.in_features // self.d
+        gather_rows(self.codebook, self.codes[start * per_row:stop * per_row], out.view(-1, self.d))
 
     @torch.no_grad()
     def rounded(self) -> "VQLinear":

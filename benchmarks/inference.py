@@ -1,0 +1,191 @@
+"""Inference cost of a 2-bit DiT-XL/2 in both modes against the dense layers: latency and peak memory at 256
+tokens and batch 2/8/32, for every DiT-XL/2 linear shape and a whole XL-shaped block. `per_forward` keeps the
+codes and decodes tile by tile in each forward; `once` decodes to dense at load (its forward is the dense one, so
+the table gives its decode time). Codes are random (k=256, d=4): speed and memory do not depend on values.
+
+    python benchmarks/inference.py                                   # CPU, 1 thread -> benchmarks/results/inference/
+    python benchmarks/inference.py --device cuda --dtypes float16,bfloat16 --out results-h100
+
+Latency: both modes timed in turn (dense, per_forward, dense, ...) after warm-up; min and median of --reps.
+Memory: each (case, mode, batch) in a fresh process: the peak above the state just before the forward (weights
+and input allocated): CUDA's max_memory_allocated, or on a CPU the resident-set high-water mark (Linux
+/proc/self/status VmHWM, reset before the forward; glibc told to map large blocks, so freed memory leaves),
+which also counts the output. per_forward's weight memory = its resident codes, codebooks and biases + what its
+forward peaks above the dense forward's (the decode tile and its index: output and activations are the same).
+"""
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from harness import ROOT, fresh_dir, write_results
+from vq4dit.deploy.memory import CPU_PROBE_ENV, peak_memory
+from vq4dit.deploy.synthetic import DIT_XL_2, random_layer, random_quantized_dit
+from vq4dit.quant import decode
+from vq4dit.quant.presets import VQPreset
+
+PRESET = VQPreset(k=256, d=4)  # w2
+HIDDEN, TOKENS = 1152, 256
+CASES = {  # name -> (out, in) of a linear, or the whole block; adaLN sees one row per sample, not per token
+    "attn q / k / v / out (1152→1152)": (1152, 1152), "mlp fc1 (1152→4608)": (4608, 1152),
+    "mlp fc2 (4608→1152)": (1152, 4608), "adaLN modulation (1152→6912), per sample": (6912, 1152),
+    "whole block (7 linears + attention)": None,
+}
+
+
+def build(case: str, mode: str, dtype: torch.dtype, device: torch.device):
+    """(module, forward(batch) -> output factory) for `case` in `mode` ("dense" or "per_forward")."""
+    g = torch.Generator().manual_seed(0)
+    shape = CASES[case]
+    if shape is None:
+        module = random_quantized_dit({**DIT_XL_2, "num_layers": 1}, PRESET).transformer.transformer_blocks[0]
+    else:
+        module = random_layer(*shape, PRESET, g)
+    if mode == "dense":
+        module = decode.decode_once(module, dtype) if shape is None else module.to_dense(dtype)
+    module = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    def inputs(batch: int):
+        if shape is None:
+            return dict(hidden_states=torch.randn(batch, TOKENS, HIDDEN, generator=g).to(device, dtype),
+                        timestep=torch.randint(0, 1000, (batch,), generator=g).to(device),
+                        class_labels=torch.randint(0, 1000, (batch,), generator=g).to(device))
+        rows = batch if case.startswith("adaLN") else batch * TOKENS
+        return dict(x=torch.randn(rows, shape[1], generator=g).to(device, dtype))
+
+    return module, inputs
+
+
+def weight_bytes(module) -> int:
+    """Bytes of the weights a forward reads: parameters and buffers, a block's embedder included."""
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def run(module, kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return module(kwargs["x"]) if "x" in kwargs else module(**kwargs)  # nn.Linear names it `input`
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def latency(case: str, dtype: torch.dtype, batch: int, device: torch.device, reps: int) -> dict:
+    modules = {mode: build(case, mode, dtype, device) for mode in ("dense", "per_forward")}
+    kwargs = modules["dense"][1](batch)
+    times = {mode: [] for mode in modules}
+    for rep in range(reps + 2):  # two warm-up rounds
+        for mode, (module, _) in modules.items():
+            sync(device)
+            start = time.perf_counter()
+            run(module, kwargs)
+            sync(device)
+            if rep >= 2:
+                times[mode].append(1e3 * (time.perf_counter() - start))
+    torch.testing.assert_close(run(modules["per_forward"][0], kwargs).float(), run(modules["dense"][0], kwargs).float(),
+                               rtol=0.05, atol=0.05)  # the same layer in both modes
+    out = {f"{mode}_ms_{stat}": round(f(ts), 3) for mode, ts in times.items()
+           for stat, f in (("min", min), ("median", statistics.median))}
+    start = time.perf_counter()
+    decode.decode_once(copy.deepcopy(modules["per_forward"][0]), dtype) if CASES[case] is None \
+        else modules["per_forward"][0].to_dense(dtype)
+    sync(device)
+    out["once_decode_ms"] = round(1e3 * (time.perf_counter() - start), 3)
+    out.update({f"{mode}_weights_bytes": weight_bytes(m) for mode, (m, _) in modules.items()})
+    return out
+
+
+def probe(case: str, mode: str, dtype: torch.dtype, batch: int, device: torch.device) -> dict:
+    """Peak memory of one forward in this (fresh) process."""
+    module, inputs = build(case, mode, dtype, device)
+    kwargs = inputs(batch)
+    out, peak, _ = peak_memory(lambda: run(module, kwargs), device)
+    return {"peak_bytes": peak, "output_bytes": out.numel() * out.element_size()}
+
+
+def memory(case: str, mode: str, dtype: str, batch: int, device: str, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--probe", json.dumps([case, mode, dtype, batch]), "--device", device,
+           "--threads", str(threads)]
+    env = {**os.environ, **(CPU_PROBE_ENV if device == "cpu" else {})}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if result.returncode:
+        raise SystemExit(f"memory probe failed: {result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| case | dtype | batch | dense ms (min / median) | per_forward ms (min / median) | per_forward / dense "
+            "(median) | decode=once ms | dense weights MiB | per_forward weight memory MiB (resident + decoding) "
+            "| / dense | forward peak MiB, dense / per_forward (measured) |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['dtype']} | {r['batch']} | {r['dense_ms_min']:.1f} / {r['dense_ms_median']:.1f} | "
+            f"{r['per_forward_ms_min']:.1f} / {r['per_forward_ms_median']:.1f} | "
+            f"**{r['per_forward_ms_median'] / r['dense_ms_median']:.2f}×** | {r['once_decode_ms']:.1f} | "
+            f"{mib(r['dense_weights_bytes'])} | {mib(r['per_forward_weight_memory_bytes'])} | "
+            f"**{r['per_forward_weight_memory_bytes'] / r['dense_weights_bytes']:.2f}×** | "
+            f"{mib(r['dense_peak_bytes'])} / {mib(r['per_forward_peak_bytes'])} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument("--batches", default="2,8,32")
+    p.add_argument("--cases", default=",".join(str(i) for i in range(len(CASES))), help="indices into CASES")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 unless measuring threads)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/inference"))
+    p.add_argument("--probe", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.probe:
+        case, mode, dtype, batch = json.loads(args.probe)
+        print(json.dumps(probe(case, mode, getattr(torch, dtype), batch, device)))
+        return
+    out = fresh_dir(Path(args.out))
+    names = [list(CASES)[int(i)] for i in args.cases.split(",")]
+    rows = []
+    for dtype in args.dtypes.split(","):
+        for case in names:
+            for batch in map(int, args.batches.split(",")):
+                row = {"case": case, "dtype": dtype, "batch": batch,
+                       **latency(case, getattr(torch, dtype), batch, device, args.reps)}
+                for mode in ("dense", "per_forward"):
+                    m = memory(case, mode, dtype, batch, args.device, args.threads)
+                    row[f"{mode}_peak_bytes"], row["output_bytes"] = m["peak_bytes"], m["output_bytes"]
+                decoding = max(0, row["per_forward_peak_bytes"] - row["dense_peak_bytes"])
+                row["per_forward_weight_memory_bytes"] = row["per_forward_weights_bytes"] + decoding
+                rows.append(row)
+                print(table([row]).splitlines()[-1], flush=True)
+    command = "python benchmarks/inference.py " + " ".join(sys.argv[1:])
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"{platform.processor() or platform.machine()} CPU, {args.threads} thread(s)")
+    header = (f"Command: `{command.strip()}` ({when}), torch {torch.__version__}, {machine}. "
+              f"DiT-XL/2 shapes at 2 bits (k=256, d=4), {TOKENS} tokens; decode tile {decode.TILE_WEIGHTS} weights.")
+    write_results(out, rows, header + "\n\n" + table(rows), {"command": command, "when": when, "machine": machine})
+    print(header)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""Write a DiT as a diffusers folder: python export.py ckpt=<quantized checkpoint folder | fp weights> out=<folder>."""
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+
+from vq4dit.deploy.export import export  # noqa: E402
+from vq4dit.entry import run  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="export")
+def main(cfg: DictConfig) -> None:
+    run(lambda: export(cfg))
+
+
+if __name__ == "__main__":
+    main()

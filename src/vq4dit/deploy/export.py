@@ -1,0 +1,73 @@
+"""`python export.py ckpt=<checkpoint> out=<folder>`: a DiT as a diffusers folder that the ordinary
+`DiTTransformer2DModel.from_pretrained(folder)` loads (after `import vq4dit`).
+
+The folder holds diffusers' `config.json` (the transformer's own config plus a `quantization_config` for the
+`vq4dit` backend: layer records, shared embedders, the original DiT's timestep shift, decode mode) and
+`diffusion_pytorch_model.safetensors` with exactly the tensors of the project checkpoint's `model.safetensors`.
+A full-precision model exports the same way (no layers; the config keeps its timestep shift), and as a plain
+diffusers folder when it has diffusers' own shift.
+
+Not carried: the sampler's 3-channel guidance of the original DiT (`guided_channels`). diffusers' `DiTPipeline`
+guides all `in_channels`; the config records `guided_channels` for readers, see the README.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import diffusers
+from omegaconf import DictConfig
+from safetensors.torch import save_file
+
+from vq4dit.deploy.diffusers_quantizer import VQ4DiTConfig
+from vq4dit.errors import UserError, instantiate
+from vq4dit.models import ConditionalDiT
+from vq4dit.quant.checkpoint import VERSION, is_quantized_checkpoint, load_quantized, read_manifest, stored_state
+from vq4dit.quant.decode import DECODE_MODES
+
+CONFIG, WEIGHTS = "config.json", "diffusion_pytorch_model.safetensors"
+DIFFUSERS_TIMESTEP_SHIFT = 1.0  # what diffusers' DiT builds
+
+
+def export_diffusers(model: ConditionalDiT, folder: Path, decode: str = "per_forward",
+                     provenance: dict | None = None) -> Path:
+    """Write `model`'s transformer into the new diffusers folder `folder` (via `<folder>.tmp`, then renamed)."""
+    folder = Path(folder)
+    if decode not in DECODE_MODES:
+        raise UserError(f"decode={decode}; valid: {', '.join(DECODE_MODES)}")
+    if folder.exists():
+        raise UserError(f"{folder} already exists; earlier results are never overwritten")
+    transformer = model.transformer
+    state = stored_state(transformer)
+    config = {"_class_name": type(transformer).__name__, "_diffusers_version": diffusers.__version__,
+              **{k: v for k, v in transformer.config.items() if not k.startswith("_") and k != "quantization_config"}}
+    shift = transformer.transformer_blocks[0].norm1.emb.time_proj.downscale_freq_shift
+    if state.layers or state.shared or shift != DIFFUSERS_TIMESTEP_SHIFT:
+        quant = VQ4DiTConfig(state.layers, state.shared, shift, decode, VERSION,
+                             provenance={"guided_channels": model.guided_channels, **(provenance or {})})
+        config["quantization_config"] = quant.to_dict()
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(state.tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, folder)
+    return folder
+
+
+def export(cfg: DictConfig) -> Path:
+    """export.py's job: a quantized checkpoint (its manifest names the model) or full-precision weights of
+    `cfg.model`, written as a diffusers folder at `cfg.out`."""
+    source, out = Path(cfg.ckpt), Path(cfg.out)
+    if out.exists():
+        raise UserError(f"out={out} already exists; earlier results are never overwritten")
+    if is_quantized_checkpoint(source):
+        manifest = read_manifest(source)
+        model = load_quantized(source)
+        provenance = {key: manifest[key] for key in ("method", "sizes") if key in manifest}
+    else:
+        model, provenance = instantiate(cfg.model, weights=str(source)), {"source": "full precision"}
+    folder = export_diffusers(model, out, cfg.decode, provenance)
+    print(f"wrote {folder}: DiTTransformer2DModel.from_pretrained({str(folder)!r}) after `import vq4dit`")
+    return folder
