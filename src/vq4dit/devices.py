@@ -48,6 +48,14 @@ def resolve_devices(spec: str | torch.device, devices: int | list[int] | tuple[i
     return [resolve_device(name, "devices") for name in names]
 
 
+def fits_on(device: torch.device, nbytes: int) -> bool | None:
+    """Whether `nbytes` take at most half of a CUDA device's free memory (None for other devices)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= free // 2
+
+
 def _parse(spec: str | torch.device, key: str) -> torch.device:
     try:
         return torch.device(spec)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from vq4dit.calibration.block_cost import (BlockCost, forward_flops, forward_seconds_per_row, measure_block,
                                            synthetic_rows)
 from vq4dit.calibration.zero_data import covering_trajectories
-from vq4dit.devices import available_devices, resolve_device, resolve_devices
+from vq4dit.devices import available_devices, fits_on, resolve_device, resolve_devices
 from vq4dit.errors import UserError, instantiate
 from vq4dit.methods.base import FitSettings
 from vq4dit.models.dit import build_transformer
@@ -120,7 +120,7 @@ def estimate(cfg: DictConfig) -> Estimate:
                    + (depth - 1) * cost.block_bytes)
     fit_bytes = cost.student_bytes + cost.gradient_bytes + cost.optimizer_bytes + cost.saved_bytes
     rows_on_device = (train + heldout) * row_bytes * 2
-    fits = _fits_on(device, rows_on_device) if assumed is None else None
+    fits = fits_on(device, rows_on_device) if assumed is None else None
     device_bytes = model_bytes + fit_bytes + (rows_on_device if fits is not False else 0)
 
     quant = cfg.quant
@@ -175,13 +175,6 @@ def host_step_seconds(arch: dict, tokens: int, classes: int, method, fit: FitSet
         return measure_block(block, tokens, classes, method, fit, device, "fp32", steps=3, seed=seed,
                              trainer=trainer).step_seconds
     return 0.0
-
-
-def _fits_on(device: torch.device, nbytes: int) -> bool | None:
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return nbytes <= free // 2
 
 
 def _size(nbytes: int) -> str:

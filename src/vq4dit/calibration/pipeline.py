@@ -30,7 +30,7 @@ from vq4dit.calibration.block_cache import BlockCache
 from vq4dit.calibration.block_data import BlockData, with_layers
 from vq4dit.calibration.block_parallel import quantize_blocks_in_parallel
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs
-from vq4dit.devices import lightning_accelerator, resolve_devices
+from vq4dit.devices import fits_on, lightning_accelerator, resolve_devices
 from vq4dit.errors import UserError
 from vq4dit.methods.base import FitSettings, Method
 from vq4dit.models import ConditionalDiT
@@ -114,10 +114,7 @@ def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method
 def rows_home(device: torch.device, *rows: torch.Tensor) -> torch.device:
     """Where a block's rows live during its quantization: on a CUDA device when they take at most half of its
     free memory (no host-to-device copy per batch), else in host memory, streamed batch by batch."""
-    if device.type != "cuda":
-        return torch.device("cpu")
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if sum(r.numel() * r.element_size() for r in rows) <= free // 2 else torch.device("cpu")
+    return device if fits_on(device, sum(r.numel() * r.element_size() for r in rows)) else torch.device("cpu")
 
 
 def check_student_inputs(student_inputs: str) -> None:
