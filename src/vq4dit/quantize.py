@@ -92,9 +92,9 @@ def block_cache_folder(cfg: DictConfig, method: Method, out: Path) -> Path:
     if not cfg.resume:
         return out / "blocks"
     keyed = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "pool", "sampler")}
-    keyed.update(method=method.record(), fit=OmegaConf.to_container(cfg.fit) if method.fits else None, seed=cfg.seed)
-    if cfg.precision != "fp32":  # (fp32 runs keep the keys they had before precision was a setting)
-        keyed["precision"] = cfg.precision
+    keyed.update(method=method.record(), fit=OmegaConf.to_container(cfg.fit) if method.fits else None, seed=cfg.seed,
+                 precision=cfg.precision)
+    keyed["pool"]["rows"] = "balanced labels, even per trajectory"  # blocks cached from the earlier pool differ
     digest = hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
     folder = Path(cfg.paths.log_dir) / "train" / "cache" / f"{cfg.model.name}-{cfg.quant.name}-{method.name}-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
