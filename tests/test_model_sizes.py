@@ -101,3 +101,46 @@ def test_vae_folder_without_a_config_is_refused(tmp_path):
     with pytest.raises(UserError) as err:
         load_vae(tmp_path)
     assert str(tmp_path) in str(err.value) and "config.json" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_original_checkpoint_quantizes_saves_reloads_and_samples(compose_cfg, vae_folder, tmp_path, monkeypatch,
+                                                                name):
+    """load (original layout) -> quantize (train.py's job, RTN 4-bit groups of 64: every family's widths divide)
+    -> save -> load (eval.py's loader, from the manifest) -> sample through the VAE, for each size family."""
+    from vq4dit.evaluate import load_model
+    from vq4dit.quant.checkpoint import save_quantized
+    from vq4dit.quantize import quantize
+
+    size, patch, _ = CONFIGS[name]
+    depth, hidden, heads = ORIGINAL[size]
+    depth = FAMILIES[name] or depth
+    side = 2 * patch if patch > 2 else 8
+    state = random_original_state_dict(depth=depth, hidden=hidden, heads=heads, patch=patch, input_size=side,
+                                       in_ch=4, out_ch=8, num_classes=1000, seed=1)
+    torch.save(state, tmp_path / "DiT.pt")
+    small = [f"model={name}", f"model.arch.num_layers={depth}", f"model.arch.sample_size={side}",
+             "sampler.steps=2", "sampler.batch_size=3", f"model.vae={vae_folder}"]
+    train = compose_cfg("train", *small, f"model.weights={tmp_path / 'DiT.pt'}", "method=rtn", "quant=w4g64",
+                        "pool.trajectories=4", "pool.size=16", "pool.heldout_trajectories=2", "pool.heldout_size=8",
+                        "log_samples=0")
+    made = []
+    monkeypatch.setattr("vq4dit.quantize.save_quantized",
+                        lambda model, *args: made.append(model) or save_quantized(model, *args))
+    ckpt = quantize(train)
+    fp = instantiate(train.model)
+    cfg = compose_cfg("eval", *small, f"ckpt={ckpt}")
+    model = load_model(cfg.model, cfg.ckpt)
+    assert len(model.blocks) == depth and model.image_shape == (3, 8 * side, 8 * side)
+
+    g = torch.Generator().manual_seed(2)
+    x, t, y = torch.randn(3, 4, side, side, generator=g), torch.tensor([999, 500, 3]), torch.tensor([0, 999, 1000])
+    with torch.no_grad():
+        ours, in_memory, reference = model(x, t, y), made[0](x, t, y), fp(x, t, y)
+    torch.testing.assert_close(ours, in_memory, rtol=1e-5, atol=1e-5)  # what was saved is what was quantized
+    error = ((ours - reference).norm() / reference.norm()).item()
+    assert 0 < error < 0.3  # 4-bit weights (random ones, through up to 12 blocks): near the original, not equal
+
+    sampler, labels = instantiate(cfg.sampler), balanced_labels(3, model.num_classes)
+    images = sampler.sample(model, labels, seed=0, progress=False)
+    assert images.shape == (3, 3, 8 * side, 8 * side) and torch.isfinite(images).all() and images.abs().max() <= 1

@@ -25,9 +25,10 @@ from vq4dit.sampling import Sampler
 
 
 def calibration_pool(model: ConditionalDiT | DiTTransformer2DModel, sampler: Sampler | None = None,
-                     trajectories: int = 64, size: int = 2048, heldout_trajectories: int = 8,
+                     trajectories: int | None = None, size: int = 2048, heldout_trajectories: int = 8,
                      heldout_size: int = 256, seed: int = 0, progress: bool = True) -> ZeroDataBlockInputs:
-    """The zero-data pool from `model`'s own sampling; default sampler: DDPM, 100 steps, guidance 1.5 (DiT's)."""
+    """The zero-data pool from `model`'s own sampling; default sampler: DDPM, 100 steps, guidance 1.5 (DiT's);
+    default trajectories: one per class, at least 64, labels balanced over the classes."""
     model = ConditionalDiT.of(model)
     if sampler is None:
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,

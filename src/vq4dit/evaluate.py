@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from vq4dit.artifacts import fresh, grid_indices, image_grid, save_png, to_uint8, write_json
+from vq4dit.devices import resolve_device
 from vq4dit.errors import UserError, instantiate
 from vq4dit.imagenet.adm_npz import AdmSampleWriter, open_npz_array
 from vq4dit.metrics import SamplesPSNR
@@ -72,6 +73,7 @@ def sample_and_score(cfg: DictConfig, model: ConditionalDiT, compare_to: torch.T
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    resolve_device(cfg.device)  # a device this machine lacks stops here, in one line
     out = Path(cfg.paths.output_dir)
     for name in OUTPUTS:  # refuse before minutes of sampling, not after
         fresh(out / name)

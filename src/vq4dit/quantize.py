@@ -1,8 +1,9 @@
 """`python train.py method=<method> quant=<preset>`: quantize a DiT block by block with zero-data calibration.
 
 A thin Hydra job around the Python API (`vq4dit.calibration.pipeline.quantize_model`): build the model, the
-method with its preset, the pool and the Trainer settings from the config, check everything before any work,
-run the block loop with a resume cache keyed by the config, and write the checkpoint.
+method with its preset, the pool and the Trainer settings from the config, check everything before any work
+(the device and devices too), run the block loop with a resume cache keyed by the config, and write the
+checkpoint. `dry_run=true` stops after the checks and prints what the run would need (`vq4dit.estimate`).
 """
 
 import copy
@@ -18,10 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from vq4dit.artifacts import image_grid
 from vq4dit.calibration.block_cache import BlockCache
+from vq4dit.calibration.block_parallel import check_spreadable
 from vq4dit.calibration.pipeline import check_student_inputs, default_trainer, quantize_model
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs, check_pool_sizes
+from vq4dit.devices import resolve_device, resolve_devices
 from vq4dit.errors import UserError, instantiate
 from vq4dit.methods.base import FitSettings, Method
+from vq4dit.precision import check_precision
 from vq4dit.quant.block_layers import block_linears
 from vq4dit.quant.checkpoint import save_quantized
 from vq4dit.sampling import balanced_labels
@@ -45,10 +49,12 @@ def quantize(cfg: DictConfig) -> Path:
     out = Path(cfg.paths.output_dir)
     if (out / "checkpoint").exists():
         raise UserError(f"{out / 'checkpoint'} already exists; earlier results are never overwritten")
+    device, devices = resolve_device(cfg.device), configured_devices(cfg)
+    check_precision(cfg.precision)
     pool_cfg = cfg.pool
     check_pool_sizes(**{k: v for k, v in pool_cfg.items() if k != "student_inputs"})
     check_student_inputs(pool_cfg.student_inputs)
-    model = instantiate(cfg.model).to(cfg.device)
+    model = instantiate(cfg.model).to(device)
     method.check(block_linears(model.blocks[0]))
     cache = BlockCache(block_cache_folder(cfg, method, out))
     logger = instantiate(cfg.logger)
@@ -56,13 +62,16 @@ def quantize(cfg: DictConfig) -> Path:
     pool = ZeroDataBlockInputs(model, sampler, pool_cfg.trajectories, pool_cfg.size, cfg.seed,
                                pool_cfg.heldout_trajectories, pool_cfg.heldout_size)
     fp_model = copy.deepcopy(model) if cfg.log_samples else None
-    trainer = default_trainer(torch.device(cfg.device), logger, instantiate(cfg.trainer))
-    result = quantize_model(model, method, pool, device=cfg.device, seed=cfg.seed, fit=fit,
-                            student_inputs=pool_cfg.student_inputs, cache=cache, trainer=trainer, logger=logger)
+    trainer = default_trainer(device, logger, instantiate(cfg.trainer), precision=cfg.precision)
+    result = quantize_model(model, method, pool, device=device, devices=devices, precision=cfg.precision,
+                            seed=cfg.seed, fit=fit, student_inputs=pool_cfg.student_inputs, cache=cache,
+                            trainer=trainer, logger=logger)
     manifest = {"model": OmegaConf.to_container(cfg.model, resolve=True), "method": method.record(),
-                "fit": asdict(fit) if method.fits else None, "pool": OmegaConf.to_container(pool_cfg),
+                "fit": asdict(fit) if method.fits else None,
+                "pool": {**OmegaConf.to_container(pool_cfg), "trajectories": pool.trajectories},
                 "sampler": OmegaConf.to_container(cfg.sampler, resolve=True), "seed": cfg.seed,
-                "calibration_seconds": round(result.seconds, 1), "blocks": result.blocks}
+                "precision": cfg.precision, "calibration_seconds": round(result.seconds, 1),
+                "blocks": result.blocks}
     ckpt = save_quantized(model, out / "checkpoint", manifest)
     if fp_model is not None:
         _log_sample_grids(logger, fp_model, model, sampler, cfg)
@@ -71,12 +80,21 @@ def quantize(cfg: DictConfig) -> Path:
     return ckpt
 
 
+def configured_devices(cfg: DictConfig) -> int | list[int]:
+    """`devices` as given (N or CUDA indices), after checking that this machine has them."""
+    devices = cfg.devices if isinstance(cfg.devices, int) else list(cfg.devices)
+    check_spreadable(cfg.pool.student_inputs, len(resolve_devices(cfg.device, devices)))
+    return devices
+
+
 def block_cache_folder(cfg: DictConfig, method: Method, out: Path) -> Path:
     """Where finished blocks are kept: keyed by everything that determines them, so the same command resumes."""
     if not cfg.resume:
         return out / "blocks"
     keyed = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "pool", "sampler")}
-    keyed.update(method=method.record(), fit=OmegaConf.to_container(cfg.fit) if method.fits else None, seed=cfg.seed)
+    keyed.update(method=method.record(), fit=OmegaConf.to_container(cfg.fit) if method.fits else None, seed=cfg.seed,
+                 precision=cfg.precision)
+    keyed["pool"]["rows"] = "balanced labels, even per trajectory"  # blocks cached from the earlier pool differ
     digest = hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
     folder = Path(cfg.paths.log_dir) / "train" / "cache" / f"{cfg.model.name}-{cfg.quant.name}-{method.name}-{digest}"
     folder.mkdir(parents=True, exist_ok=True)

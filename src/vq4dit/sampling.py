@@ -16,20 +16,18 @@ import torch
 from diffusers import SchedulerMixin
 from tqdm.auto import tqdm
 
-from vq4dit.errors import UserError
 from vq4dit import seeds
 from vq4dit.models import ConditionalDiT
+from vq4dit.precision import autocast, check_precision
 
 # called at every denoising step with the exact model input: (x_t, t, labels), CFG-doubled when guiding
 StepHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Sampler:
     def __init__(self, scheduler: SchedulerMixin, steps: int, guidance_scale: float, batch_size: int,
                  device: str = "cpu", precision: str = "fp32"):
-        if precision not in PRECISIONS:
-            raise UserError(f"sampler.precision={precision}; valid: {', '.join(PRECISIONS)}")
+        check_precision(precision, "sampler.precision")
         self.scheduler, self.steps, self.guidance_scale = scheduler, steps, guidance_scale
         self.batch_size, self.device, self.precision = batch_size, torch.device(device), precision
 
@@ -64,10 +62,7 @@ class Sampler:
             bar.close()
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        dtype = PRECISIONS[self.precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return autocast(self.device, self.precision)
 
     def _denoise(self, model, x, y, generator, on_step, bar) -> torch.Tensor:
         scheduler = copy.deepcopy(self.scheduler)

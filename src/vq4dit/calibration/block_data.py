@@ -1,8 +1,10 @@
 """What one block's quantization sees: the full-precision block, its pool rows and targets, and the device.
 
 Training rows are what calibration may use (fitting, Hessians, statistics); held-out rows, from trajectories of
-their own, only score blocks. Rows live in host memory and are streamed to `device` chunk by chunk; every tensor
-a step touches is moved to `device` explicitly, never to wherever a module happens to be.
+their own, only score blocks. Rows live in host memory (or already on `device`) and are streamed to `device` chunk
+by chunk; every tensor a step touches is moved to `device` explicitly, never to wherever a module happens to be.
+Block errors run under the calibration's `precision` autocast, like the teacher's targets; observed layer inputs
+(GPTQ's Hessians) are computed in fp32 whatever the precision.
 """
 
 import copy
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vq4dit.precision import autocast
 from vq4dit.quant.block_layers import replace_layer
 
 Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # block input, timestep, label, fp output
@@ -26,6 +29,7 @@ class BlockData:
     device: torch.device
     seed: int
     chunk: int = 256
+    precision: str = "fp32"    # autocast of block errors (fp32, bf16, fp16)
 
     def layer_seed(self, j: int) -> int:
         return self.seed + 1000 * self.index + j
@@ -39,7 +43,8 @@ class BlockData:
         total = torch.zeros((), dtype=torch.float64, device=device)
         for i in range(0, len(x), self.chunk):
             rows = slice(i, i + self.chunk)
-            out = block(x[rows].to(device), timestep=t[rows].to(device), class_labels=y[rows].to(device))
+            with autocast(device, self.precision):
+                out = block(x[rows].to(device), timestep=t[rows].to(device), class_labels=y[rows].to(device))
             total += (out.float() - target[rows].to(device).float()).square().sum(dtype=torch.float64)
         return total / target.numel()
 

@@ -5,11 +5,17 @@ block's inputs); the method starts, prepares, optionally fits (one Lightning `Tr
 finalizes the block's linears; the result is kept only if it beats the start on held-out rows; the deployed
 layers replace the block's linears. A `BlockCache` keeps finished blocks, so an interrupted run resumes at the
 first unfinished block. The loop never asks which method it runs.
+
+`precision` (fp32, bf16, fp16) is the autocast of every block forward: teacher targets, held-out errors and the
+student's fit (Lightning's "bf16-mixed": the student's weights, optimizer and loss stay fp32). A block's rows sit
+on the device during its fit when they take at most half its free memory, else in host memory, streamed batch by
+batch. With several `devices` (fp student inputs: every block is independent), processes launched by Lightning
+each quantize a share of the blocks into the cache, and the loop then assembles them (`block_parallel`).
 """
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -22,10 +28,13 @@ from tqdm.auto import tqdm
 from vq4dit.calibration.block_calibration import BlockCalibration
 from vq4dit.calibration.block_cache import BlockCache
 from vq4dit.calibration.block_data import BlockData, with_layers
+from vq4dit.calibration.block_parallel import quantize_blocks_in_parallel
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs
+from vq4dit.devices import fits_on, lightning_accelerator, resolve_devices
 from vq4dit.errors import UserError
 from vq4dit.methods.base import FitSettings, Method
 from vq4dit.models import ConditionalDiT
+from vq4dit.precision import LIGHTNING, autocast, check_precision
 from vq4dit.quant.block_layers import block_linears, replace_layer
 from vq4dit.quant.quantized_linear import QuantizedLinear
 from vq4dit.seeds import generator
@@ -43,27 +52,42 @@ class QuantizationResult:
 
 
 def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method, pool: ZeroDataBlockInputs, *,
-                   device: str | torch.device | None = None, seed: int = 0, fit: FitSettings | None = None,
-                   student_inputs: str = "fp", cache: BlockCache | None = None,
-                   trainer: TrainerFactory | None = None, logger=None, progress: bool = True) -> QuantizationResult:
+                   device: str | torch.device | None = None, devices: int | list[int] = 1, precision: str = "fp32",
+                   seed: int = 0, fit: FitSettings | None = None, student_inputs: str = "fp",
+                   cache: BlockCache | None = None, trainer: TrainerFactory | None = None, logger=None,
+                   progress: bool = True, blocks: Collection[int] | None = None) -> QuantizationResult:
     """Quantize every block of `model` in place with `method`, calibrating on `pool`; returns the model and
-    per-block statistics. `device` defaults to the model's; `trainer` builds the Lightning Trainer of a block's
-    fit (default: `default_trainer(device, logger)`), `logger` receives the curves."""
+    per-block statistics. `device` defaults to the model's; `devices` (N, or CUDA indices) spreads the blocks over
+    several devices; `precision` is the autocast of block forwards; `trainer` builds the Lightning Trainer of a
+    block's fit (default: `default_trainer(device, logger, precision=precision)`), `logger` receives the curves.
+    `blocks`: quantize only these (the others only advance the pool), as a process of a parallel run does."""
     check_student_inputs(student_inputs)
+    check_precision(precision)
     model = ConditionalDiT.of(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     fit = fit or FitSettings()
     method.check(block_linears(model.blocks[0]))
-    make_trainer = trainer or default_trainer(device, logger)
+    make_trainer = trainer or default_trainer(device, logger, precision=precision)
     start = time.time()
+    spread = resolve_devices(device, devices) if devices != 1 else [device]
+    if len(spread) > 1:
+        cache = quantize_blocks_in_parallel(model, method, pool, spread, precision=precision, seed=seed, fit=fit,
+                                            student_inputs=student_inputs, cache=cache, trainer=make_trainer,
+                                            progress=progress)
     student_hidden = pool.hidden.clone() if student_inputs == "quantized" else None
     result = QuantizationResult(model)
     for i in tqdm(range(len(model.blocks)), desc="blocks", disable=not progress):
         block = model.blocks[i]
-        targets = pool.block_outputs(block, device)
+        with autocast(device, precision):
+            targets = pool.block_outputs(block, device)
+        if blocks is not None and i not in blocks:  # another process quantizes it
+            pool.hidden = targets
+            continue
         inputs = pool.hidden if student_hidden is None else student_hidden
-        rows = lambda part: (inputs[part], pool.timesteps[part], pool.labels[part], targets[part])  # noqa: E731
-        data = BlockData(block, i, rows(pool.train_rows), rows(pool.heldout_rows), device, seed)
+        home = rows_home(device, inputs, targets)
+        rows = lambda part: tuple(r.to(home) for r in (inputs[part], pool.timesteps[part], pool.labels[part],  # noqa: E731
+                                                        targets[part]))
+        data = BlockData(block, i, rows(pool.train_rows), rows(pool.heldout_rows), device, seed, precision=precision)
         cached = cache.load(i) if cache is not None else None
         if cached is not None:
             layers, stats = cached
@@ -80,10 +104,17 @@ def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method
                 if key in stats:
                     logger.experiment.add_scalar(f"block_mse/{key}", stats[key], i)
         if student_hidden is not None:
-            student_hidden = pool.block_outputs(block, device, student_hidden)
+            with autocast(device, precision):
+                student_hidden = pool.block_outputs(block, device, student_hidden)
         pool.hidden = targets
     result.seconds = time.time() - start
     return result
+
+
+def rows_home(device: torch.device, *rows: torch.Tensor) -> torch.device:
+    """Where a block's rows live during its quantization: on a CUDA device when they take at most half of its
+    free memory (no host-to-device copy per batch), else in host memory, streamed batch by batch."""
+    return device if fits_on(device, sum(r.numel() * r.element_size() for r in rows)) else torch.device("cpu")
 
 
 def check_student_inputs(student_inputs: str) -> None:
@@ -124,13 +155,30 @@ def quantize_block(method: Method, data: BlockData, fit: FitSettings,
     return (final if kept == "method" else start), stats
 
 
-def default_trainer(device: torch.device, logger=None, trainer: TrainerFactory | None = None) -> TrainerFactory:
-    """Trainers for block fits on `device` (cuda:1 included): no checkpoints, no validation. `trainer` is a
-    partial of `lightning.Trainer` with further settings (configs/trainer/)."""
-    base = trainer or partial(L.Trainer, enable_model_summary=False, log_every_n_steps=50)
-    accelerator = "cpu" if device.type == "cpu" else "gpu" if device.type == "cuda" else device.type
-    devices = [device.index] if device.index is not None else 1
-    settings = dict(accelerator=accelerator, devices=devices, logger=logger if logger is not None else False,
-                    enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0)
-    return lambda **kwargs: base(**settings, **kwargs)
+@dataclass
+class BlockTrainers:
+    """Trainers for block fits on `device` (cuda:1 included), in `precision`: no checkpoints, no validation.
+    `base` is a partial of `lightning.Trainer` with further settings (configs/trainer/). Picklable, and `on(device)`
+    gives the same Trainers on another device (a process of a parallel run)."""
 
+    device: torch.device
+    logger: object = None
+    base: Callable[..., L.Trainer] | None = None
+    precision: str = "fp32"
+
+    def __call__(self, **kwargs) -> L.Trainer:
+        base = self.base or partial(L.Trainer, enable_model_summary=False, log_every_n_steps=50)
+        accelerator, devices = lightning_accelerator(self.device)
+        return base(accelerator=accelerator, devices=devices, precision=LIGHTNING[self.precision],
+                    logger=self.logger if self.logger is not None else False, enable_checkpointing=False,
+                    limit_val_batches=0, num_sanity_val_steps=0, **kwargs)
+
+    def on(self, device: torch.device) -> "BlockTrainers":
+        return BlockTrainers(device, self.logger, self.base, self.precision)
+
+
+def default_trainer(device: torch.device, logger=None, trainer: TrainerFactory | None = None,
+                    precision: str = "fp32") -> BlockTrainers:
+    """Trainers for block fits on `device` in `precision`; `trainer` is a partial of `lightning.Trainer` with
+    further settings (configs/trainer/)."""
+    return BlockTrainers(torch.device(device), logger, trainer, check_precision(precision))

@@ -1,7 +1,13 @@
 """Zero-data calibration inputs: DiT blocks' inputs captured from the full-precision model's own sampling.
 
-Gaussian latents and random labels run through the full-precision sampler (with the null label for guidance);
-every denoising step's model input (x_t, t, y) is a candidate, and a seeded random subset of them is the pool.
+Gaussian latents run through the full-precision sampler (with the null label for guidance) and every denoising
+step's model input (x_t, t, y) is a candidate row. The pool covers the label space: the trajectories' labels are
+balanced over the classes (a seeded class order, cycled: each class equally often, up to one), there is at least
+one trajectory per class by default (`trajectories=None`: max(64, classes), so 1000 at DiT-XL/2), and the rows are
+chosen per trajectory, not from all candidates at once: each trajectory gives `size / trajectories` rows (up to
+one more) at distinct random steps, its guided row first, then alternating with the null label, so every class a
+trajectory has appears among the guided training rows. Rows are chosen before sampling and kept as their step
+passes: the pool never holds every step's latents (at DiT-XL/2, 1000 trajectories x 250 steps x 2 would be 8 GB).
 Held-out rows come from trajectories of their own (their own noise and labels), so the block error they measure
 is on inputs calibration never trained on. Every stream is derived from the seed with its own purpose
 (`vq4dit.seeds`), so evaluation, which uses the "eval" stream, never starts from calibration's noise.
@@ -11,6 +17,9 @@ is on inputs calibration never trained on. Every stream is derived from the seed
 its teacher's outputs are computed once (AQLM/GPTQ-style) instead of re-running the sampler per block.
 """
 
+import copy
+import logging
+
 import torch
 from torch import nn
 
@@ -19,13 +28,17 @@ from vq4dit.models import ConditionalDiT
 from vq4dit.sampling import Sampler
 from vq4dit.seeds import generator, stream_seed
 
+log = logging.getLogger(__name__)
+MIN_TRAJECTORIES = 64  # the default when the model has fewer classes
+
 
 class ZeroDataBlockInputs:
-    def __init__(self, model: ConditionalDiT, sampler: Sampler, trajectories: int, size: int, seed: int,
+    def __init__(self, model: ConditionalDiT, sampler: Sampler, trajectories: int | None, size: int, seed: int,
                  heldout_trajectories: int = 8, heldout_size: int = 256, chunk: int = 256, progress: bool = True):
+        trajectories = covering_trajectories(trajectories, model.num_classes)
         check_pool_sizes(trajectories=trajectories, size=size, heldout_trajectories=heldout_trajectories,
                          heldout_size=heldout_size)
-        self.chunk = chunk
+        self.chunk, self.trajectories = chunk, trajectories
         train = _visit(model, sampler, trajectories, size, seed, "calibration", progress)
         heldout = _visit(model, sampler, heldout_trajectories, heldout_size, seed, "calibration-heldout", progress)
         x, self.timesteps, self.labels = (torch.cat(parts) for parts in zip(train, heldout))
@@ -48,8 +61,10 @@ class ZeroDataBlockInputs:
     @torch.no_grad()
     def block_outputs(self, block: nn.Module, device: torch.device | str,
                       hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """`block` applied on `device` to every row (default: to the current inputs); the result in host memory."""
-        return self._map(lambda h, t, y: block(h.to(device), timestep=t.to(device), class_labels=y.to(device)).cpu(),
+        """`block` applied on `device` to every row (default: to the current inputs); the result in host memory,
+        fp32 whatever precision the block ran in."""
+        return self._map(lambda h, t, y: block(h.to(device), timestep=t.to(device),
+                                               class_labels=y.to(device)).float().cpu(),
                          self.hidden if hidden is None else hidden)
 
     def advance(self, block: nn.Module, device: torch.device | str) -> None:
@@ -60,21 +75,65 @@ class ZeroDataBlockInputs:
                           for i in range(0, len(rows), self.chunk)])
 
 
-def check_pool_sizes(**sizes: int) -> None:
+def covering_trajectories(trajectories: int | None, num_classes: int) -> int:
+    """`trajectories`, or by default one per class (at least 64); fewer than the classes leave classes out."""
+    if trajectories is None:
+        return max(MIN_TRAJECTORIES, num_classes)
+    if 0 < trajectories < num_classes:
+        log.warning("pool.trajectories=%d covers %d of the model's %d classes; pool.trajectories=null gives one "
+                    "trajectory per class", trajectories, trajectories, num_classes)
+    return trajectories
+
+
+def check_pool_sizes(**sizes: int | None) -> None:
     for name, value in sizes.items():
-        if value < 1:
-            raise UserError(f"pool.{name}={value}; valid: a positive integer")
+        if value is not None and value < 1:
+            raise UserError(f"pool.{name}={value}; valid: a positive integer"
+                            + (" or null (one per class)" if name == "trajectories" else ""))
+
+
+def balanced_trajectory_labels(trajectories: int, num_classes: int, gen: torch.Generator) -> torch.Tensor:
+    """A seeded order of the classes, cycled: every class equally often (up to one); fewer trajectories than
+    classes get distinct classes."""
+    order = torch.randperm(num_classes, generator=gen)
+    return order[torch.arange(trajectories) % num_classes]
+
+
+def row_plan(trajectories: int, size: int, steps: int, halves: int, gen: torch.Generator) -> dict[int, list]:
+    """step -> [(trajectory, half)] of the rows to keep: `size` rows spread evenly over the trajectories (the
+    remainder to a seeded few), each trajectory's at distinct random steps; half 0 is the guided row (the
+    trajectory's label), half 1 the null-label row of guidance, alternating, guided first."""
+    per = torch.full((trajectories,), size // trajectories)
+    per[torch.randperm(trajectories, generator=gen)[: size % trajectories]] += 1
+    per.clamp_(max=steps * halves)
+    plan: dict[int, list] = {}
+    for j in range(trajectories):
+        order = torch.randperm(steps, generator=gen).tolist()
+        for k in range(int(per[j])):  # the second pass over the steps takes the other half of each step
+            plan.setdefault(order[k % steps], []).append((j, (k + k // steps) % halves))
+    return plan
 
 
 def _visit(model: ConditionalDiT, sampler: Sampler, trajectories: int, size: int, seed: int, purpose: str,
            progress: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_t, t, y) of a seeded subset of `size` rows among every step of `trajectories` fp sampling runs."""
-    steps = []
-    labels = torch.randint(0, model.num_classes, (trajectories,), generator=generator(seed, f"{purpose}-labels"))
-    sampler.sample(model, labels, seed=stream_seed(seed, purpose), progress=progress, decode=False,
-                   on_step=lambda x, t, y: steps.append((x.cpu(), t.cpu(), y.cpu())))
-    x, t, y = (torch.cat(parts) for parts in zip(*steps))
-    if size < len(x):  # a uniform subset over trajectories, steps and (guided, null) halves
-        keep = torch.randperm(len(x), generator=generator(seed, f"{purpose}-rows"))[:size].sort().values
-        x, t, y = x[keep], t[keep], y[keep]
+    """(x_t, t, y) of the planned rows of `trajectories` fp sampling runs, kept as their steps pass."""
+    labels = balanced_trajectory_labels(trajectories, model.num_classes, generator(seed, f"{purpose}-labels"))
+    scheduler = copy.deepcopy(sampler.scheduler)
+    scheduler.set_timesteps(sampler.steps)
+    halves = 1 if sampler.guidance_scale == 1.0 else 2  # guidance doubles each step's batch (labels, null label)
+    plan = row_plan(trajectories, size, len(scheduler.timesteps), halves, generator(seed, f"{purpose}-rows"))
+    kept, state = [], {"first": 0, "step": 0}
+
+    def keep(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+        n, first = len(x) // halves, state["first"]
+        rows = sorted((j - first) + half * n for j, half in plan.get(state["step"], ()) if first <= j < first + n)
+        if rows:
+            index = torch.tensor(rows, device=x.device)
+            kept.append((x[index].float().cpu(), t[index].cpu(), y[index].cpu()))
+        state["step"] += 1
+
+    for start, batch in sampler.batches(model, labels, seed=stream_seed(seed, purpose), progress=progress,
+                                        on_step=keep, decode=False):
+        state.update(first=start + len(batch), step=0)
+    x, t, y = (torch.cat(parts) for parts in zip(*kept))
     return x, t, y
