@@ -135,7 +135,7 @@ RULES: dict[str, Rule] = {
     "model.latent_scale": RATE, "model.arch.norm_eps": RATE,
     "model.arch.*": POSITIVE,
     # quantization presets
-    "quant.name": STR, "quant.k": Int(2, 2**31 - 1), "quant.d": POSITIVE, "quant.bits": Int(2, 8),
+    "quant.name": STR, "quant.k": Int(2), "quant.d": POSITIVE, "quant.bits": Int(2, 8),
     "quant.group_size": Int(1, null=True), "quant.symmetric": BOOL,
     # methods (every method's settings; a method's config holds only its own)
     "method.candidates": POSITIVE, "method.ratio_init": Choice("uniform", "inverse_distance"),
@@ -191,9 +191,10 @@ def validate(cfg: DictConfig, skip: tuple[str, ...] = ("hydra",)) -> None:
 
 
 def leaves(cfg: DictConfig, skip: tuple[str, ...] = ()):
-    """(dotted key, resolved value) of every leaf; lists are leaves. A required value (???) not given, or an
+    """(dotted key, resolved value) of every leaf, a level's own values before its groups' (`ckpt` before the
+    `model.weights` that interpolates it); lists are leaves. A required value (???) not given, or an
     interpolation that does not resolve, is one UserError line."""
-    for key in cfg.keys():
+    for key in sorted(cfg.keys(), key=lambda k: OmegaConf.is_dict(cfg._get_node(k))):
         if key in skip:
             continue
         if OmegaConf.is_missing(cfg, key):

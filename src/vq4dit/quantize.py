@@ -177,8 +177,8 @@ def eval_command(cfg: DictConfig, ckpt: Path) -> str:
         given = list(HydraConfig.get().overrides.task)
     except ValueError:
         given = []
-    model = [o for o in given if o.lstrip("+~").split("=")[0].split(".")[0] == "model"
-             and not o.lstrip("+~").startswith("model=")]
+    keys = [o.lstrip("+~").split("=")[0] for o in given]
+    model = [o for o, key in zip(given, keys) if key.startswith("model.") and key != "model.weights"]
     return " ".join(["python eval.py", f"model={cfg.model.name}", *map(shlex.quote, model),
                      shlex.quote(f"ckpt={ckpt}")])
 
