@@ -70,14 +70,14 @@ def slow(*case):
 TRAIN_CASES = [  # (overrides, strings the line must name): each stands for a class of bad input
     (["seed=abc"], ["seed=abc", "integer"]),                                   # type
     slow(["seed=1.5"], ["seed=1.5", "integer"]),
-    (["device=banana"], ["device=banana", "valid"]),                           # device name
+    slow(["device=banana"], ["device=banana", "valid"]),                           # device name
     (["device=cuda:7"], ["device=cuda:7", "not available on this machine"]),   # a device this machine lacks
     slow(["devices=0"], ["devices=0"]),
-    (["precision=fp8"], ["precision=fp8", "fp32, bf16, fp16"]),                # choice
-    slow(["sampler.steps=0"], ["sampler.steps=0", ">= 1"]),  # ranges
+    slow(["precision=fp8"], ["precision=fp8", "fp32, bf16, fp16"]),            # choice
+    slow(["sampler.steps=0"], ["sampler.steps=0", ">= 1"]),                    # ranges
     (["sampler.guidance_scale=-1"], ["sampler.guidance_scale=-1", ">= 1"]),
     slow(["sampler.batch_size=0"], ["sampler.batch_size=0"]),
-    (["fit.batch_size=0"], ["fit.batch_size=0"]),
+    slow(["fit.batch_size=0"], ["fit.batch_size=0"]),
     slow(["fit.iterations=-5"], ["fit.iterations=-5"]),
     slow(["fit.lr=-1"], ["fit.lr=-1", "> 0"]),
     slow(["pool.size=0"], ["pool.size=0"]),
@@ -116,7 +116,7 @@ def test_train_refuses_bad_input_in_one_line(tmp_path, overrides, named):
     assert not (tmp_path / "logs" / "train" / "cache").exists()
 
 
-@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("bad", [pytest.param("nan", marks=pytest.mark.slow), "inf"])
 def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tmp_path, files, bad):
     line = assert_refused(cli("train.py", *TINY, "method=rtn", f"model.weights={files[bad]}", logs=tmp_path / "logs"),
                           "transformer_blocks.1.ff.net.2.weight", "NaN/Inf")
@@ -172,7 +172,7 @@ EVAL_CASES = [
     (["ckpt=data/dit_digits", "num_samples=1"], ["num_samples=1"]),
     slow(["ckpt=data/dit_digits", "grid_columns=0"], ["grid_columns=0"]),
     (["ckpt=data/dit_digits", "decode=fast"], ["decode=fast", "per_forward, once"]),
-    (["ckpt=data/dit_digits", "compare_to=/nonexistent.npz"], ["compare_to=/nonexistent.npz"]),
+    slow(["ckpt=data/dit_digits", "compare_to=/nonexistent.npz"], ["compare_to=/nonexistent.npz"]),
     slow(["ckpt=data/dit_digits", "seed=abc"], ["seed=abc"]),
     slow(["ckpt=data/dit_digits", "device=cuda:7"], ["device=cuda:7"]),
     slow(["ckpt=data/dit_digits", "sampler.steps=0"], ["sampler.steps=0"]),
@@ -251,7 +251,7 @@ def _shape(manifest, tensors):
     slow(_set_k, [LAYER, "k=8"]),
     (_codes_past_k, [LAYER, "code 15", "0..11"]),
     (_nan_codebook, [LAYER, "codebook", "NaN/Inf"]),
-    (_inf_full_precision, ["proj_out_2.weight", "NaN/Inf"]),
+    slow(_inf_full_precision, ["proj_out_2.weight", "NaN/Inf"]),
     slow(_unknown_type, [LAYER, "lut"]),
     slow(_shape, [LAYER]),
 ], ids=["k", "codes >= k", "nan codebook", "inf fp tensor", "layer type", "shape"])

@@ -27,7 +27,7 @@ from vq4dit.calibration.pipeline import check_student_inputs, default_trainer, q
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs, check_pool_sizes
 from vq4dit.config_schema import validate
 from vq4dit.devices import resolve_device, resolve_devices
-from vq4dit.errors import UserError, instantiate
+from vq4dit.errors import instantiate
 from vq4dit.methods.base import FitSettings, Method
 from vq4dit.outputs import TRAIN_RESULTS, check_no_results
 from vq4dit.precision import check_precision

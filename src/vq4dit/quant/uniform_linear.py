@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vq4dit.quant.stored_checks import check_all_finite, check_bias, check_packed, check_shape
 from vq4dit.quant.packing import pack_codes, unpack_codes
 from vq4dit.quant.quantized_linear import QuantizedLinear, linear_bias
+from vq4dit.quant.stored_checks import check_all_finite, check_bias, check_packed, check_shape
 
 SCALE_DTYPE = torch.float16
 

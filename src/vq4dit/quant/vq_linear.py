@@ -18,10 +18,10 @@ from torch import nn
 
 from vq4dit.quant.decode import gather_rows
 from vq4dit.quant.kmeans import kmeans, nearest
-from vq4dit.quant.stored_checks import (check_all_finite, check_bias, check_codes_below, check_packed,
-                                        check_shape)
 from vq4dit.quant.packing import code_bits, pack_codes, smallest_code_dtype, unpack_codes
 from vq4dit.quant.quantized_linear import QuantizedLinear, linear_bias
+from vq4dit.quant.stored_checks import (check_all_finite, check_bias, check_codes_below, check_packed,
+                                        check_shape)
 
 CODEBOOK_DTYPE = torch.float16  # how codebooks are stored
 
