@@ -34,9 +34,9 @@ warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*
 
 
 def build_method(cfg: DictConfig) -> Method:
-    """The configured method with its preset; a preset of another family is refused with one line."""
+    """The configured method with its presets; a preset of another family is refused with one line."""
     make = instantiate(cfg.method, _partial_=True, _convert_="all")  # (an object passed to instantiate would
-    return make(quant=instantiate(cfg.quant))                            # be turned back into a config)
+    return make(quant=instantiate(cfg.quant), act=instantiate(cfg.act))  # be turned back into a config)
 
 
 def quantize(cfg: DictConfig) -> Path:
@@ -58,7 +58,8 @@ def quantize(cfg: DictConfig) -> Path:
     fp_model = copy.deepcopy(model) if cfg.log_samples else None
     trainer = default_trainer(torch.device(cfg.device), logger, instantiate(cfg.trainer))
     result = quantize_model(model, method, pool, device=cfg.device, seed=cfg.seed, fit=fit,
-                            student_inputs=pool_cfg.student_inputs, cache=cache, trainer=trainer, logger=logger)
+                            student_inputs=pool_cfg.student_inputs, cache=cache, trainer=trainer, logger=logger,
+                            output_dir=out, scorer=lambda: instantiate(cfg.metric))
     manifest = {"model": OmegaConf.to_container(cfg.model, resolve=True), "method": method.record(),
                 "fit": asdict(fit) if method.fits else None, "pool": OmegaConf.to_container(pool_cfg),
                 "sampler": OmegaConf.to_container(cfg.sampler, resolve=True), "seed": cfg.seed,
@@ -78,7 +79,8 @@ def block_cache_folder(cfg: DictConfig, method: Method, out: Path) -> Path:
     keyed = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "pool", "sampler")}
     keyed.update(method=method.record(), fit=OmegaConf.to_container(cfg.fit) if method.fits else None, seed=cfg.seed)
     digest = hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    folder = Path(cfg.paths.log_dir) / "train" / "cache" / f"{cfg.model.name}-{cfg.quant.name}-{method.name}-{digest}"
+    act = f"-{cfg.act.name}" if method.activation.enabled else ""
+    folder = Path(cfg.paths.log_dir) / "train" / "cache" / f"{cfg.model.name}-{cfg.quant.name}{act}-{method.name}-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(keyed, indent=2, default=str) + "\n")
     return folder

@@ -1,21 +1,26 @@
 """The block loop: quantize a DiT block by block against its own full-precision blocks, with any method.
 
-For each block: the pool's inputs go through the fp block once (its outputs are the targets and the next
-block's inputs); the method starts, prepares, optionally fits (one Lightning `Trainer.fit` on the block loss) and
-finalizes the block's linears; the result is kept only if it beats the start on held-out rows; the deployed
-layers replace the block's linears. A `BlockCache` keeps finished blocks, so an interrupted run resumes at the
+Before the loop the method may take a model-level step (`before_blocks`). For each block: the pool's inputs go
+through the fp block once (its outputs are the targets and the next block's inputs); the method may
+re-parameterize the fp block and gives its activation quantizers (which ride on every stage below, so start,
+fit and result all see quantized activations); it starts, prepares, optionally fits (one Lightning
+`Trainer.fit` on the block loss) and finalizes the block's linears; the result is kept only if it beats the
+start on held-out rows; the deployed layers replace the block's linears. A `BlockCache` keeps finished blocks, so an interrupted run resumes at the
 first unfinished block. The loop never asks which method it runs.
 """
 
+import copy
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import torch
 from diffusers import DiTTransformer2DModel
+from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
@@ -24,8 +29,10 @@ from vq4dit.calibration.block_cache import BlockCache
 from vq4dit.calibration.block_data import BlockData, with_layers
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs
 from vq4dit.errors import UserError
-from vq4dit.methods.base import FitSettings, Method
+from vq4dit.methods.base import FitSettings, Method, RunContext
 from vq4dit.models import ConditionalDiT
+from vq4dit.quant.act_quantizer import attach_input_quantizer
+from vq4dit.quant.attention_quantizer import install_attention_quantizers
 from vq4dit.quant.block_layers import block_linears, replace_layer
 from vq4dit.quant.quantized_linear import QuantizedLinear
 from vq4dit.seeds import generator
@@ -45,10 +52,13 @@ class QuantizationResult:
 def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method, pool: ZeroDataBlockInputs, *,
                    device: str | torch.device | None = None, seed: int = 0, fit: FitSettings | None = None,
                    student_inputs: str = "fp", cache: BlockCache | None = None,
-                   trainer: TrainerFactory | None = None, logger=None, progress: bool = True) -> QuantizationResult:
+                   trainer: TrainerFactory | None = None, logger=None, progress: bool = True,
+                   output_dir: Path | None = None, scorer: Callable | None = None) -> QuantizationResult:
     """Quantize every block of `model` in place with `method`, calibrating on `pool`; returns the model and
     per-block statistics. `device` defaults to the model's; `trainer` builds the Lightning Trainer of a block's
-    fit (default: `default_trainer(device, logger)`), `logger` receives the curves."""
+    fit (default: `default_trainer(device, logger)`), `logger` receives the curves. A model-level step of the
+    method keeps its resume state in the cache's folder and its results in `output_dir`; `scorer` builds the
+    sample scorer it may use."""
     check_student_inputs(student_inputs)
     model = ConditionalDiT.of(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -56,11 +66,16 @@ def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method
     method.check(block_linears(model.blocks[0]))
     make_trainer = trainer or default_trainer(device, logger)
     start = time.time()
+    run = RunContext(pool, device, seed, logger, cache.folder if cache is not None else None,
+                     Path(output_dir) if output_dir is not None else None, scorer, progress)
+    method.before_blocks(model, run)
     student_hidden = pool.hidden.clone() if student_inputs == "quantized" else None
     result = QuantizationResult(model)
     for i in tqdm(range(len(model.blocks)), desc="blocks", disable=not progress):
         block = model.blocks[i]
         targets = pool.block_outputs(block, device)
+        if method.activation.attention:  # after the fp targets: from here on the block attends quantized
+            install_attention_quantizers([block], method.activation.record_attention())
         inputs = pool.hidden if student_hidden is None else student_hidden
         rows = lambda part: (inputs[part], pool.timesteps[part], pool.labels[part], targets[part])  # noqa: E731
         data = BlockData(block, i, rows(pool.train_rows), rows(pool.heldout_rows), device, seed)
@@ -96,11 +111,16 @@ def quantize_block(method: Method, data: BlockData, fit: FitSettings,
     """One block: start, prepare, fit (if the method fits), finalize; the better of start and result on the
     held-out rows is returned with the block's statistics."""
     L.seed_everything(data.seed + data.index, workers=True, verbose=False)
+    method.transform_block(data)
     linears = block_linears(data.block)
-    start = method.start(linears, data)
+    quantizers = method.input_quantizers(linears, data)
+    data.input_quantizers = quantizers
+    start = with_input_quantizers(method.start(linears, data), copy.deepcopy(quantizers))  # its own copies
     start_mse = data.heldout_mse(with_layers(data.block, start)).item()
     stats = {"block": data.index, "start_mse": start_mse}
     layers = method.prepare(linears, start, data)
+    layers = {name: layer if layer is start[name] else attach_input_quantizer(layer, quantizers.get(name))
+              for name, layer in layers.items()}
     if method.fits:
         student = with_layers(data.block, layers)
         module = BlockCalibration(student, layers, method, fit, data, mse_scale=max(start_mse, 1e-12))
@@ -111,7 +131,11 @@ def quantize_block(method: Method, data: BlockData, fit: FitSettings,
         stats.update(module.stats)
         # Lightning's teardown leaves the fitted module on the CPU: bring the layers back to the block's device
         layers = {name: layer.to(data.device) for name, layer in layers.items()}
+    for quantizer in quantizers.values():
+        quantizer.freeze()  # a learned static scale is deployed as a plain tensor
     final = {name: method.finalize(layer).to(data.device) for name, layer in layers.items()}
+    final = {name: layer if layer is start[name] else attach_input_quantizer(layer, quantizers.get(name))
+             for name, layer in final.items()}
     if all(final[name] is start[name] for name in final):  # the method is its own start (RTN, k-means)
         stats.update(shipped_mse=start_mse, kept="start")
         return final, stats
@@ -122,6 +146,10 @@ def quantize_block(method: Method, data: BlockData, fit: FitSettings,
         log.warning("block %d: %s result (held-out MSE %.3g) is worse than its start (%.3g); shipping the start",
                     data.index, method.name, method_mse, start_mse)
     return (final if kept == "method" else start), stats
+
+
+def with_input_quantizers(layers: dict[str, nn.Module], quantizers: dict) -> dict[str, nn.Module]:
+    return {name: attach_input_quantizer(layer, quantizers.get(name)) for name, layer in layers.items()}
 
 
 def default_trainer(device: torch.device, logger=None, trainer: TrainerFactory | None = None) -> TrainerFactory:

@@ -25,7 +25,7 @@ class ZeroDataBlockInputs:
                  heldout_trajectories: int = 8, heldout_size: int = 256, chunk: int = 256, progress: bool = True):
         check_pool_sizes(trajectories=trajectories, size=size, heldout_trajectories=heldout_trajectories,
                          heldout_size=heldout_size)
-        self.chunk = chunk
+        self.chunk, self.sampler = chunk, sampler
         train = _visit(model, sampler, trajectories, size, seed, "calibration", progress)
         heldout = _visit(model, sampler, heldout_trajectories, heldout_size, seed, "calibration-heldout", progress)
         x, self.timesteps, self.labels = (torch.cat(parts) for parts in zip(train, heldout))

@@ -5,7 +5,9 @@ codes, codebook or scales/zeros, bias) under `<layer>.<tensor>`, and the manifes
 parameters, so loading dispatches on the record, never on tensor names. Every other tensor of the transformer is
 stored as it is. The manifest also holds the model config (the architecture is rebuilt without the
 full-precision weights), the method and preset, per-block calibration statistics, and sizes counted from the
-stored tensors next to fp32/fp16.
+stored tensors next to fp32/fp16. Activation quantizers travel with their layers (static scales as tensors under
+`<layer>.input_quantizer.*`); attention-matmul quantizers, which hold no tensors, as the manifest's
+`attention_quantizers` settings.
 """
 
 import json
@@ -19,8 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from vq4dit.errors import UserError, instantiate
 from vq4dit.models import ConditionalDiT
+from vq4dit.quant.attention_quantizer import attention_quantizer_record, install_attention_quantizers
 from vq4dit.quant.block_layers import replace_layer
-from vq4dit.quant.quantized_linear import QuantizedLinear, from_stored
+from vq4dit.quant.quantized_linear import QuantizedLinear, from_stored, is_weight_encoding, stored_form
 
 FORMAT = "vq4dit-checkpoint"
 VERSION = 2
@@ -45,16 +48,19 @@ def save_quantized(model: ConditionalDiT, folder: Path, manifest: dict | None = 
     layers = quantized_layers(model)
     tensors, records = {}, {}
     for name, layer in layers.items():
-        stored, record = layer.stored()
+        stored, record = stored_form(layer)
         tensors.update({f"{name}.{key}": t for key, t in stored.items()})
-        encoding = sum(t.numel() * t.element_size() for key, t in stored.items() if key != "bias")
+        encoding = sum(t.numel() * t.element_size() for key, t in stored.items() if is_weight_encoding(key))
         records[name] = {**record, "bits_per_weight": 8 * encoding / layer.num_weights}
     for name, tensor in model.transformer.state_dict().items():
-        if name.rpartition(".")[0] not in layers:
+        if owning_layer(name, layers) is None:
             tensors[name] = tensor
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     manifest = {"format": FORMAT, "version": VERSION, **manifest, "layers": records,
                 "sizes": size_report(layers, tensors)}
+    attention = attention_quantizer_record(model.transformer)
+    if attention is not None:  # settings only: the processors hold no tensors
+        manifest["attention_quantizers"] = attention
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -81,12 +87,23 @@ def load_quantized(folder: Path, model_cfg: DictConfig | None = None) -> Conditi
         prefix = f"{name}."
         own = {key[len(prefix):]: tensors.pop(key) for key in [k for k in tensors if k.startswith(prefix)]}
         replace_layer(model.transformer, name, from_stored(own, record))
+    install_attention_quantizers(model.blocks, manifest.get("attention_quantizers"))
     missing, unexpected = model.transformer.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if k.rpartition(".")[0] not in manifest["layers"]]
+    missing = [k for k in missing if owning_layer(k, manifest["layers"]) is None]
     if missing or unexpected:
         raise UserError(f"checkpoint {folder} is incomplete or from another model: "
                         f"{(missing or unexpected)[0]} ({len(missing)} missing, {len(unexpected)} unexpected)")
     return model.eval().requires_grad_(False)
+
+
+def owning_layer(tensor_name: str, layers) -> str | None:
+    """The quantized layer a state-dict entry belongs to (its own tensors or its input quantizer's), or None."""
+    prefix = tensor_name.rpartition(".")[0]
+    while prefix:
+        if prefix in layers:
+            return prefix
+        prefix = prefix.rpartition(".")[0]
+    return None
 
 
 def read_manifest(folder: Path) -> dict:
@@ -107,7 +124,7 @@ def size_report(layers: dict[str, QuantizedLinear], tensors: dict[str, torch.Ten
     weight of the quantized linears counted from their stored tensors (codes + codebooks / scales / zeros, biases
     apart)."""
     nbytes = lambda names: sum(tensors[n].numel() * tensors[n].element_size() for n in names)  # noqa: E731
-    quantized = [n for n in tensors if n.rpartition(".")[0] in layers]
+    quantized = [n for n in tensors if n.rpartition(".")[0] in layers]  # the layers' own tensors (not input quantizers')
     biases = [n for n in quantized if n.endswith(".bias")]
     weights = sum(layer.num_weights for layer in layers.values())
     linear_params = weights + sum(tensors[n].numel() for n in biases)
