@@ -30,7 +30,8 @@ def tiny(compose_cfg):
 
 def _rows(n=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 16, 64, generator=g), torch.randint(0, 1000, (n,), generator=g), torch.randint(0, 11, (n,), generator=g)
+    x, t = torch.randn(n, 16, 64, generator=g), torch.randint(0, 1000, (n,), generator=g)
+    return x, t, torch.randint(0, 11, (n,), generator=g)
 
 
 def _relative(a, b):

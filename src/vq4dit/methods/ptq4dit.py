@@ -70,16 +70,19 @@ class PTQ4DiT(Method):
         timesteps = data.train[1]
         per_t = {site: [] for site in BALANCED}
         for t in timesteps.unique():
-            peak = {}
-            data.observe_inputs(list(heads.values()), lambda name, x: peak.__setitem__(
-                name, torch.maximum(peak.get(name, torch.zeros(())), x.detach().abs().reshape(-1, x.shape[-1]).amax(0).cpu())),
-                rows=(timesteps == t).nonzero()[:, 0])
+            peaks = {}
+
+            def observe(name, x):  # max |x_j| over this timestep's rows and tokens
+                peak = x.detach().abs().reshape(-1, x.shape[-1]).amax(0)
+                peaks[name] = peak if name not in peaks else torch.maximum(peaks[name], peak)
+
+            data.observe_inputs(list(heads.values()), observe, rows=(timesteps == t).nonzero()[:, 0])
             for site, name in heads.items():
-                per_t[site].append(peak[name])
+                per_t[site].append(peaks[name])
         factors = {}
         for site, names in BALANCED.items():
-            act = torch.stack(per_t[site])  # timesteps x channels
-            w = weight_salience([block.get_submodule(n) for n in names]).cpu()
+            act = torch.stack(per_t[site])  # timesteps x channels, on the block's device
+            w = weight_salience([block.get_submodule(n) for n in names]).to(act.device)
             eta = spearman_weights(act, w)
             factors[site] = balancing_factors((eta[:, None] * act).sum(0), w)
         fold_balancing(block, factors)

@@ -4,8 +4,9 @@ Generation 0 is the starting candidate plus random legal candidates. Every gener
 has not scored yet, keeps the `select` best as parents (elitism: they stay in the population), and fills the
 rest with `mutations` children (a random parent, every gene redrawn with probability `mutation_prob`),
 `crossovers` children (two random parents, every gene from either with probability 1/2) and random legal
-candidates (uniform, then repaired: see `_random`). Illegal candidates (over the budget) and candidates seen before are rejected (at most 10 tries per
-child, as the released code does). Scores are losses (lower is better).
+candidates (uniform, then repaired: see `_random`). Illegal candidates (over the budget) and candidates seen
+before are rejected (at most 10 tries per child, as the released code does). Scores are losses (lower is
+better).
 
 The state (population, every score so far, best per generation) is written to `state_path` after every scored
 candidate, so rerunning the same search continues where it stopped; the random draws of generation g come from
