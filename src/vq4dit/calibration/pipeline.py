@@ -5,8 +5,8 @@ through the fp block once (its outputs are the targets and the next block's inpu
 re-parameterize the fp block and gives its activation quantizers (which ride on every stage below, so start,
 fit and result all see quantized activations); it starts, prepares, optionally fits (one Lightning
 `Trainer.fit` on the block loss) and finalizes the block's linears; the result is kept only if it beats the
-start on held-out rows; the deployed layers replace the block's linears. A `BlockCache` keeps finished blocks, so an interrupted run resumes at the
-first unfinished block. The loop never asks which method it runs.
+start on held-out rows; the deployed layers replace the block's linears. A `BlockCache` keeps finished blocks,
+so an interrupted run resumes at the first unfinished block. The loop never asks which method it runs.
 """
 
 import copy

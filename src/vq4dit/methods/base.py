@@ -23,9 +23,10 @@ A method is one module and one config (`configs/method/<name>.yaml`, whose `_tar
 the preset family it accepts, and `check` refuses presets and models it cannot apply to before any work.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
