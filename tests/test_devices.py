@@ -70,3 +70,15 @@ def test_a_training_step_touches_only_the_students_device(block_and_rows):
     assert loss.device == META
     loss.backward()
     assert all(layer.logits.grad is not None and layer.logits.grad.device == META for layer in layers.values())
+
+
+def test_activation_quantizers_are_calibrated_on_the_configured_device(block_and_rows):
+    from vq4dit.methods import RTN
+    from vq4dit.quant.presets import ActPreset, UniformPreset
+
+    block, rows = block_and_rows
+    data = BlockData(copy.deepcopy(block).to(META), 0, rows, rows, META, seed=0)
+    quantizers = RTN(UniformPreset(bits=4), ActPreset(bits=8)).input_quantizers(block_linears(block), data)
+    assert len(quantizers) == 6 and {q.scale.device for q in quantizers.values()} == {META}
+    x = torch.randn(2, 16, 64, device=META)
+    assert quantizers["attn1.to_q"](x).device == META
