@@ -77,3 +77,9 @@ def test_xl_needs_local_paths(compose_cfg):
     cfg = compose_cfg("eval", "model=dit_xl_2", "ckpt=x")
     assert OmegaConf.is_missing(cfg.model, "weights") and OmegaConf.is_missing(cfg.model, "vae")
     assert cfg.model.arch.num_layers == 28 and cfg.model.arch.num_attention_heads * cfg.model.arch.attention_head_dim == 1152
+
+
+def test_rtn_depends_on_the_seed_only_through_static_activation_scales(compose_cfg):
+    seeded = lambda *o: build_method(compose_cfg("train", "method=rtn", *o)).seeded  # noqa: E731
+    assert not seeded("quant=w4g64") and seeded("quant=w4a8")
+    assert not seeded("quant=w4a8", "act.granularity=token", "act.dynamic=true")
