@@ -74,14 +74,6 @@ class ActQuantizer(nn.Module):
         q = torch.clamp(round_ste(grouped / scale) + zero, low, high)
         return ((q - zero) * scale).reshape(x.shape).to(x.dtype)
 
-    def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(integer codes, scale, zero) of `x` in its grouped view (..., groups, group width): for tests and for
-        describing what an integer kernel would be fed."""
-        grouped = self._grouped(x.float())
-        scale, zero = self._dynamic_grid(grouped) if self.dynamic else self._static_grid()
-        low, high = self.levels
-        return torch.clamp(torch.round(grouped / scale) + zero, low, high), scale, zero
-
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
         """x viewed so that every range is taken over the last dimension: (..., groups, values per range)."""
         if self.granularity == "token":

@@ -115,23 +115,6 @@ class ActPreset:
         """The attention quantizers' settings, or None when the attention matmuls stay in full precision."""
         return {"bits": self.bits, "symmetric": self.symmetric} if self.enabled and self.attention else None
 
-    def describe(self) -> str:
-        if not self.enabled:
-            return "full-precision activations"
-        granularity = {"tensor": "per tensor", "token": "per token", None: "the method's granularity",
-                       "token_group": f"per token, channel groups of {self.group_size or 'the method-chosen size'}"}[self.granularity]
-        kind = {True: "dynamic", False: "static", None: "the method's dynamic/static choice"}[self.dynamic]
-        return f"{self.bits} bits, {granularity}, {kind}, {'symmetric' if self.symmetric else 'asymmetric'}"
-
-    def check(self, widths: dict[str, int]) -> None:
-        """Refuse group sizes that do not divide the width of a quantized input (site -> width)."""
-        if not self.enabled or self.granularity != "token_group" or self.group_size is None:
-            return
-        for site, width in widths.items():
-            if width % self.group_size:
-                raise UserError(f"act.group_size={self.group_size} does not divide the input width {width} of "
-                                f"{site}; use a divisor of {math.gcd(*widths.values())}")
-
 
 def preset_record(preset) -> dict:
     """The preset as the manifest stores it."""
