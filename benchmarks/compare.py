@@ -31,7 +31,10 @@ from vq4dit.quantize import build_method, quantize
 
 ROWS = ["rtn-w4pc", "rtn-w4g64", "gptq-w4pc", "gptq-w4g64", "kmeans-w4", "classic_vq-w4", "vq4dit-w4",
         "rtn-w3pc", "rtn-w3g64", "gptq-w3pc", "gptq-w3g64", "kmeans-w3", "classic_vq-w3", "vq4dit-w3",
-        "rtn-w2pc", "rtn-w2g64", "gptq-w2pc", "gptq-w2g64", "kmeans-w2", "classic_vq-w2", "vq4dit-w2"]
+        "rtn-w2pc", "rtn-w2g64", "gptq-w2pc", "gptq-w2g64", "kmeans-w2", "classic_vq-w2", "vq4dit-w2",
+        # weights and activations (act presets: README, "Activation quantization")
+        "rtn-w8a8", "ptq4dit-w8a8", "qdit-w6a8", "rtn-w4a8", "gptq-w4a8", "qdit-w4a8", "ptq4dit-w4a8",
+        "vq4dit-w3-a8", "vq4dit-w2-a8"]
 CACHE = ROOT / "logs" / "benchmark" / "compare-rows"
 COLLAPSE = "class accuracy below 0.5 or FID above 5x the fp model's"
 
@@ -81,8 +84,9 @@ def main() -> None:
              f"(mean +- sd over them; one run where the result does not depend on the seed). FID on the digits "
              f"classifier's features; real-vs-real floor at this sample count {fp['fid_floor']:.2f}; 'eval sd' is "
              "FID's bootstrap sd over the samples of one run. Collapse (x): " + COLLAPSE + ".", "",
-             "| row | bits/weight (file) | FID | eval sd | class acc. | PSNR vs fp (dB) | checkpoint KiB | calibration s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| row | bits/weight (file) | activations | FID | eval sd | class acc. | PSNR vs fp (dB) | checkpoint KiB | "
+             "calibration s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [row_md(name, runs, fp) for name, runs in results.items()]
     write_results(out, [{"row": name, **summary[name], "runs": runs} for name, runs in results.items()],
                   "\n".join(lines), setup)
@@ -118,6 +122,7 @@ def run_row(row: str, seed: int, eval_cfg, scorer, fp: dict, reps: int) -> dict:
     result = {**metrics, "seed": seed, "fid_eval_sd": fid_bootstrap_sd(scorer, images, reps),
               "bits": manifest["sizes"]["blocks_bits_per_weight"], "checkpoint_bytes": os.path.getsize(ckpt / TENSORS),
               "calibration_s": round(wall, 1), "checkpoint": str(ckpt),
+              "activations": activations_label(manifest["method"].get("act")),
               "kept_start_blocks": sum(b["kept"] == "start" for b in blocks) if "method_mse" in blocks[0] else None,
               "shipped_block_mse": statistics.mean(b["shipped_mse"] for b in blocks)}
     return _store(folder, result, images, labels)
@@ -138,6 +143,16 @@ def checkpoint_bytes(run: dict) -> int:
             save_quantized(load_quantized(ckpt), current, manifest)
         ckpt = current
     return os.path.getsize(ckpt / TENSORS)
+
+
+def activations_label(act: dict | None) -> str:
+    """How a row quantizes activations, from its manifest: bits, granularity, static or dynamic."""
+    if act is None:
+        return "fp32"
+    groups = act["group_size"] or "the searched sizes"
+    granularity = {"tensor": "per tensor", "token": "per token", "token_group": f"per token, groups of {groups}"}
+    granularity = granularity[act["granularity"]]
+    return f"A{act['bits']}, {granularity}, {'dynamic' if act['dynamic'] else 'static'}"
 
 
 def fid_bootstrap_sd(scorer, images: torch.Tensor, reps: int, seed: int = 0) -> float:
@@ -186,7 +201,9 @@ def row_md(name: str, runs: list[dict], fp: dict) -> str:
                            + ("" if s.get(f"{key}_sd") is None else f" ± {format(s[f'{key}_sd'], fmt)}"))
     collapsed = s["class_accuracy"] < 0.5 or s["fid"] > 5 * fp["fid"]
     calib = "–" if "calibration_s" not in s else f"{s['calibration_s']:.0f}"
-    return (f"| {name}{' (x)' if collapsed else ''} | {s['bits']:.3g} | {pm('fid', '.2f')} | {s['fid_eval_sd']:.2f} | "
+    activations = runs[0].get("activations", "fp32")  # rows cached before activations were recorded: weight-only
+    return (f"| {name}{' (x)' if collapsed else ''} | {s['bits']:.3g} | {activations} | {pm('fid', '.2f')} | "
+            f"{s['fid_eval_sd']:.2f} | "
             f"{pm('class_accuracy', '.3f')} | {pm('psnr_vs_reference', '.1f')} | {s['checkpoint_bytes'] / 1024:.0f} | "
             f"{calib} |")
 

@@ -38,9 +38,9 @@ warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*
 
 
 def build_method(cfg: DictConfig) -> Method:
-    """The configured method with its preset; a preset of another family is refused with one line."""
+    """The configured method with its presets; a preset of another family is refused with one line."""
     make = instantiate(cfg.method, _partial_=True, _convert_="all")  # (an object passed to instantiate would
-    return make(quant=instantiate(cfg.quant))                            # be turned back into a config)
+    return make(quant=instantiate(cfg.quant), act=instantiate(cfg.act))  # be turned back into a config)
 
 
 def quantize(cfg: DictConfig) -> Path:
@@ -65,7 +65,7 @@ def quantize(cfg: DictConfig) -> Path:
     trainer = default_trainer(device, logger, instantiate(cfg.trainer), precision=cfg.precision)
     result = quantize_model(model, method, pool, device=device, devices=devices, precision=cfg.precision,
                             seed=cfg.seed, fit=fit, student_inputs=pool_cfg.student_inputs, cache=cache,
-                            trainer=trainer, logger=logger)
+                            trainer=trainer, logger=logger, output_dir=out, scorer=lambda: instantiate(cfg.metric))
     manifest = {"model": OmegaConf.to_container(cfg.model, resolve=True), "method": method.record(),
                 "fit": asdict(fit) if method.fits else None,
                 "pool": {**OmegaConf.to_container(pool_cfg), "trajectories": pool.trajectories},
@@ -96,7 +96,8 @@ def block_cache_folder(cfg: DictConfig, method: Method, out: Path) -> Path:
                  precision=cfg.precision)
     keyed["pool"]["rows"] = "balanced labels, even per trajectory"  # blocks cached from the earlier pool differ
     digest = hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    folder = Path(cfg.paths.log_dir) / "train" / "cache" / f"{cfg.model.name}-{cfg.quant.name}-{method.name}-{digest}"
+    act = f"-{cfg.act.name}" if method.activation.enabled else ""
+    folder = Path(cfg.paths.log_dir) / "train" / "cache" / f"{cfg.model.name}-{cfg.quant.name}{act}-{method.name}-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(keyed, indent=2, default=str) + "\n")
     return folder
