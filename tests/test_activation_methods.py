@@ -139,6 +139,23 @@ def test_eval_loads_and_samples_exactly_the_calibrated_model(runs, compose_cfg):
     assert torch.equal(loaded, calibrated)
 
 
+def test_decode_once_keeps_each_layers_activation_quantizer(runs):
+    """decode=once swaps every quantized layer for a dense nn.Linear; the layer's input quantizer goes with it,
+    so both decode modes compute the same function (and not the same weights on fp activations)."""
+    from vq4dit.quant.checkpoint import load_quantized
+
+    _, ckpt, _, _ = runs["rtn-w4a8"]
+    per_forward, once = load_quantized(ckpt, decode="per_forward"), load_quantized(ckpt, decode="once")
+    name = next(n for n in quantized_layers(per_forward) if n.endswith("ff.net.2"))
+    layer, dense = per_forward.transformer.get_submodule(name), once.transformer.get_submodule(name)
+    assert isinstance(dense, torch.nn.Linear) and input_quantizer_of(dense) is not None
+    x = torch.randn(2, 16, dense.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), layer(x), atol=1e-5, rtol=1e-5)
+        fp_activations = torch.nn.functional.linear(x, dense.weight, dense.bias)
+    assert (fp_activations - dense(x)).abs().max() > 1e-3
+
+
 def test_activation_quantization_costs_accuracy_and_more_bits_cost_less(runs, compose_cfg, tmp_path):
     """The quantized activations are real: the same RTN weights with a4 activations are further from fp than
     with a8, and a8 further than with fp activations (block MSE on held-out rows)."""
