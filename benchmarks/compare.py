@@ -7,6 +7,8 @@ it writes results.md, results.json and samples.png (a sample per class for every
 
     python benchmarks/compare.py                                         # -> benchmarks/results/compare/
     python benchmarks/compare.py --rows rtn-w4g64,vq4dit-w2 --seeds 0 --num-samples 100 --out /tmp/quick
+    python benchmarks/compare.py --only-cache --rows gptq-w3g64          # fill the cache (e.g. in parallel)
+    python benchmarks/compare.py --from-cache                            # the table from what the cache holds
 """
 
 import argparse
@@ -53,6 +55,8 @@ def main() -> None:
     p.add_argument("--bootstrap", type=int, default=200, help="resamples for FID's eval-noise sd")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/compare"))
     p.add_argument("--only-cache", action="store_true", help="run the rows (filling the cache), write no table")
+    p.add_argument("--from-cache", action="store_true",
+                   help="write the table from cached runs only; rows and seeds not run yet are listed, not run")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: reproducible, shares the cores)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -62,11 +66,15 @@ def main() -> None:
                       f"paths.output_dir={CACHE / 'eval'}")
     scorer = instantiate(eval_cfg.metric)
     fp = run_fp(eval_cfg, scorer, args.bootstrap)
-    results = {"fp32": [fp]}
+    results, not_run = {"fp32": [fp]}, []
     for row in rows:
         method_seeds = seeds if build_method(config("train", *overrides_for(row))).seeded else seeds[:1]
-        results[row] = [run_row(row, seed, eval_cfg, scorer, fp, args.bootstrap) for seed in method_seeds]
-        print(row_md(row, results[row], fp), flush=True)
+        runs = [run_row(row, seed, eval_cfg, scorer, fp, args.bootstrap, cached_only=args.from_cache)
+                for seed in method_seeds]
+        not_run += [f"{row} seed {seed}" for seed, run in zip(method_seeds, runs) if run is None]
+        if any(runs):
+            results[row] = [run for run in runs if run is not None]
+            print(row_md(row, results[row], fp), flush=True)
     if out is None:
         return
     for runs in results.values():  # sizes in today's checkpoint format, whatever format a cached row was made in
@@ -75,7 +83,9 @@ def main() -> None:
     summary = {name: summarize(runs) for name, runs in results.items()}
     figure = [(name, load_file(runs[0]["samples"])["images"].float()) for name, runs in results.items()]
     labelled_rows(figure, load_file(fp["samples"])["labels"]).save(out / "samples.png")
-    setup = {"command": "python benchmarks/compare.py" + ("" if args.rows == ",".join(ROWS) else f" --rows {args.rows}"),
+    command = "python benchmarks/compare.py" + ("" if args.rows == ",".join(ROWS) else f" --rows {args.rows}") + (
+        "" if args.seeds == "0,1,2" else f" --seeds {args.seeds}") + (" --from-cache" if args.from_cache else "")
+    setup = {"command": command, "not_run": not_run,
              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "num_samples": args.num_samples,
              "calibration_seeds": seeds, "eval_seed": eval_cfg.seed, "threads": torch.get_num_threads(),
              "sampler": "DDPM 100 steps, guidance 2 (configs/sampler/ddpm.yaml)", "collapse": COLLAPSE}
@@ -88,6 +98,8 @@ def main() -> None:
              "calibration s |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [row_md(name, runs, fp) for name, runs in results.items()]
+    if not_run:
+        lines += ["", "Not run yet (the table holds the others): " + ", ".join(not_run) + "."]
     write_results(out, [{"row": name, **summary[name], "runs": runs} for name, runs in results.items()],
                   "\n".join(lines), setup)
     print((out / "results.md").read_text())
@@ -105,10 +117,12 @@ def run_fp(eval_cfg, scorer, reps: int) -> dict:
     return _store(folder, row, images, labels)
 
 
-def run_row(row: str, seed: int, eval_cfg, scorer, fp: dict, reps: int) -> dict:
+def run_row(row: str, seed: int, eval_cfg, scorer, fp: dict, reps: int, cached_only: bool = False) -> dict | None:
     folder = CACHE / f"{row}-s{seed}-{_digest(overrides_for(row), seed, eval_cfg)}"
     if (folder / "row.json").exists():
         return json.loads((folder / "row.json").read_text())
+    if cached_only:
+        return None
     shutil.rmtree(folder, ignore_errors=True)  # a row interrupted before its row.json: start it again
     cfg = config("train", *overrides_for(row), f"seed={seed}", f"paths.output_dir={folder / 'train'}",
                  f"paths.log_dir={folder / 'logs'}", "resume=false", "log_samples=0", "trainer.enable_progress_bar=false")
