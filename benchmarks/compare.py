@@ -7,6 +7,8 @@ it writes results.md, results.json and samples.png (a sample per class for every
 
     python benchmarks/compare.py                                         # -> benchmarks/results/compare/
     python benchmarks/compare.py --rows rtn-w4g64,vq4dit-w2 --seeds 0 --num-samples 100 --out /tmp/quick
+    python benchmarks/compare.py --only-cache --rows gptq-w3g64          # fill the cache (e.g. in parallel)
+    python benchmarks/compare.py --from-cache                            # the table from what the cache holds
 """
 
 import argparse
@@ -31,7 +33,10 @@ from vq4dit.quantize import build_method, quantize
 
 ROWS = ["rtn-w4pc", "rtn-w4g64", "gptq-w4pc", "gptq-w4g64", "kmeans-w4", "classic_vq-w4", "vq4dit-w4",
         "rtn-w3pc", "rtn-w3g64", "gptq-w3pc", "gptq-w3g64", "kmeans-w3", "classic_vq-w3", "vq4dit-w3",
-        "rtn-w2pc", "rtn-w2g64", "gptq-w2pc", "gptq-w2g64", "kmeans-w2", "classic_vq-w2", "vq4dit-w2"]
+        "rtn-w2pc", "rtn-w2g64", "gptq-w2pc", "gptq-w2g64", "kmeans-w2", "classic_vq-w2", "vq4dit-w2",
+        # weights and activations (act presets: README, "Activation quantization")
+        "rtn-w8a8", "ptq4dit-w8a8", "qdit-w6a8", "rtn-w4a8", "gptq-w4a8", "qdit-w4a8", "ptq4dit-w4a8",
+        "vq4dit-w3-a8", "vq4dit-w2-a8"]
 CACHE = ROOT / "logs" / "benchmark" / "compare-rows"
 COLLAPSE = "class accuracy below 0.5 or FID above 5x the fp model's"
 
@@ -50,6 +55,8 @@ def main() -> None:
     p.add_argument("--bootstrap", type=int, default=200, help="resamples for FID's eval-noise sd")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/compare"))
     p.add_argument("--only-cache", action="store_true", help="run the rows (filling the cache), write no table")
+    p.add_argument("--from-cache", action="store_true",
+                   help="write the table from cached runs only; rows and seeds not run yet are listed, not run")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: reproducible, shares the cores)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -59,11 +66,15 @@ def main() -> None:
                       f"paths.output_dir={CACHE / 'eval'}")
     scorer = instantiate(eval_cfg.metric)
     fp = run_fp(eval_cfg, scorer, args.bootstrap)
-    results = {"fp32": [fp]}
+    results, not_run = {"fp32": [fp]}, []
     for row in rows:
         method_seeds = seeds if build_method(config("train", *overrides_for(row))).seeded else seeds[:1]
-        results[row] = [run_row(row, seed, eval_cfg, scorer, fp, args.bootstrap) for seed in method_seeds]
-        print(row_md(row, results[row], fp), flush=True)
+        runs = [run_row(row, seed, eval_cfg, scorer, fp, args.bootstrap, cached_only=args.from_cache)
+                for seed in method_seeds]
+        not_run += [f"{row} seed {seed}" for seed, run in zip(method_seeds, runs) if run is None]
+        if any(runs):
+            results[row] = [run for run in runs if run is not None]
+            print(row_md(row, results[row], fp), flush=True)
     if out is None:
         return
     for runs in results.values():  # sizes in today's checkpoint format, whatever format a cached row was made in
@@ -72,7 +83,9 @@ def main() -> None:
     summary = {name: summarize(runs) for name, runs in results.items()}
     figure = [(name, load_file(runs[0]["samples"])["images"].float()) for name, runs in results.items()]
     labelled_rows(figure, load_file(fp["samples"])["labels"]).save(out / "samples.png")
-    setup = {"command": "python benchmarks/compare.py" + ("" if args.rows == ",".join(ROWS) else f" --rows {args.rows}"),
+    command = "python benchmarks/compare.py" + ("" if args.rows == ",".join(ROWS) else f" --rows {args.rows}") + (
+        "" if args.seeds == "0,1,2" else f" --seeds {args.seeds}") + (" --from-cache" if args.from_cache else "")
+    setup = {"command": command, "not_run": not_run,
              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "num_samples": args.num_samples,
              "calibration_seeds": seeds, "eval_seed": eval_cfg.seed, "threads": torch.get_num_threads(),
              "sampler": "DDPM 100 steps, guidance 2 (configs/sampler/ddpm.yaml)", "collapse": COLLAPSE}
@@ -81,9 +94,12 @@ def main() -> None:
              f"(mean +- sd over them; one run where the result does not depend on the seed). FID on the digits "
              f"classifier's features; real-vs-real floor at this sample count {fp['fid_floor']:.2f}; 'eval sd' is "
              "FID's bootstrap sd over the samples of one run. Collapse (x): " + COLLAPSE + ".", "",
-             "| row | bits/weight (file) | FID | eval sd | class acc. | PSNR vs fp (dB) | checkpoint KiB | calibration s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| row | bits/weight (file) | activations | FID | eval sd | class acc. | PSNR vs fp (dB) | checkpoint KiB | "
+             "calibration s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [row_md(name, runs, fp) for name, runs in results.items()]
+    if not_run:
+        lines += ["", "Not run yet (the table holds the others): " + ", ".join(not_run) + "."]
     write_results(out, [{"row": name, **summary[name], "runs": runs} for name, runs in results.items()],
                   "\n".join(lines), setup)
     print((out / "results.md").read_text())
@@ -101,10 +117,12 @@ def run_fp(eval_cfg, scorer, reps: int) -> dict:
     return _store(folder, row, images, labels)
 
 
-def run_row(row: str, seed: int, eval_cfg, scorer, fp: dict, reps: int) -> dict:
+def run_row(row: str, seed: int, eval_cfg, scorer, fp: dict, reps: int, cached_only: bool = False) -> dict | None:
     folder = CACHE / f"{row}-s{seed}-{_digest(overrides_for(row), seed, eval_cfg)}"
     if (folder / "row.json").exists():
         return json.loads((folder / "row.json").read_text())
+    if cached_only:
+        return None
     shutil.rmtree(folder, ignore_errors=True)  # a row interrupted before its row.json: start it again
     cfg = config("train", *overrides_for(row), f"seed={seed}", f"paths.output_dir={folder / 'train'}",
                  f"paths.log_dir={folder / 'logs'}", "resume=false", "log_samples=0", "trainer.enable_progress_bar=false")
@@ -118,6 +136,7 @@ def run_row(row: str, seed: int, eval_cfg, scorer, fp: dict, reps: int) -> dict:
     result = {**metrics, "seed": seed, "fid_eval_sd": fid_bootstrap_sd(scorer, images, reps),
               "bits": manifest["sizes"]["blocks_bits_per_weight"], "checkpoint_bytes": os.path.getsize(ckpt / TENSORS),
               "calibration_s": round(wall, 1), "checkpoint": str(ckpt),
+              "activations": activations_label(manifest["method"].get("act")),
               "kept_start_blocks": sum(b["kept"] == "start" for b in blocks) if "method_mse" in blocks[0] else None,
               "shipped_block_mse": statistics.mean(b["shipped_mse"] for b in blocks)}
     return _store(folder, result, images, labels)
@@ -138,6 +157,16 @@ def checkpoint_bytes(run: dict) -> int:
             save_quantized(load_quantized(ckpt), current, manifest)
         ckpt = current
     return os.path.getsize(ckpt / TENSORS)
+
+
+def activations_label(act: dict | None) -> str:
+    """How a row quantizes activations, from its manifest: bits, granularity, static or dynamic."""
+    if act is None:
+        return "fp32"
+    groups = act["group_size"] or "the searched sizes"
+    granularity = {"tensor": "per tensor", "token": "per token", "token_group": f"per token, groups of {groups}"}
+    granularity = granularity[act["granularity"]]
+    return f"A{act['bits']}, {granularity}, {'dynamic' if act['dynamic'] else 'static'}"
 
 
 def fid_bootstrap_sd(scorer, images: torch.Tensor, reps: int, seed: int = 0) -> float:
@@ -186,7 +215,9 @@ def row_md(name: str, runs: list[dict], fp: dict) -> str:
                            + ("" if s.get(f"{key}_sd") is None else f" ± {format(s[f'{key}_sd'], fmt)}"))
     collapsed = s["class_accuracy"] < 0.5 or s["fid"] > 5 * fp["fid"]
     calib = "–" if "calibration_s" not in s else f"{s['calibration_s']:.0f}"
-    return (f"| {name}{' (x)' if collapsed else ''} | {s['bits']:.3g} | {pm('fid', '.2f')} | {s['fid_eval_sd']:.2f} | "
+    activations = runs[0].get("activations", "fp32")  # rows cached before activations were recorded: weight-only
+    return (f"| {name}{' (x)' if collapsed else ''} | {s['bits']:.3g} | {activations} | {pm('fid', '.2f')} | "
+            f"{s['fid_eval_sd']:.2f} | "
             f"{pm('class_accuracy', '.3f')} | {pm('psnr_vs_reference', '.1f')} | {s['checkpoint_bytes'] / 1024:.0f} | "
             f"{calib} |")
 

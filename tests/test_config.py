@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from vq4dit.methods import GPTQ, RTN, ClassicVQ, FitSettings, KMeansVQ, VQ4DiT
+from vq4dit.methods import GPTQ, PTQ4DiT, RTN, ClassicVQ, FitSettings, KMeansVQ, QDiT, VQ4DiT
 from vq4dit.models import ConditionalDiT
 from vq4dit.quant.presets import UniformPreset, VQPreset
 from vq4dit.quantize import build_method
@@ -34,11 +34,20 @@ def test_any_k_d_from_the_command_line(compose_cfg):
 
 @pytest.mark.parametrize("method,cls,preset", [("rtn", RTN, "w4g64"), ("gptq", GPTQ, "w4g64"),
                                                ("kmeans", KMeansVQ, "w3"), ("classic_vq", ClassicVQ, "w3"),
-                                               ("vq4dit", VQ4DiT, "w3")])
+                                               ("vq4dit", VQ4DiT, "w3"), ("qdit", QDiT, "w4a8"),
+                                               ("ptq4dit", PTQ4DiT, "w8a8")])
 def test_every_method_config_builds_its_method_with_its_default_preset(compose_cfg, method, cls, preset):
     cfg = compose_cfg("train", f"method={method}")
     built = build_method(cfg)
     assert type(built) is cls and built.name == method and built.quant.name == preset
+    assert built.act.name == ("a8" if preset.endswith("a8") else "none")
+
+
+@pytest.mark.parametrize("overrides,bits,act", [(["quant=w4a8"], 4, "a8"), (["quant=w8a8", "act=a6"], 8, "a6"),
+                                                (["method=qdit", "act=none"], 4, "none"), (["act=a4"], None, "a4")])
+def test_wa_presets_select_their_activations_and_the_command_line_wins(compose_cfg, overrides, bits, act):
+    cfg = compose_cfg("train", "method=rtn", *overrides)
+    assert cfg.act.name == act and (bits is None or cfg.quant.bits == bits)
 
 
 def test_unknown_preset_fails_at_composition(compose_cfg):
@@ -69,3 +78,9 @@ def test_xl_needs_local_paths(compose_cfg):
     assert cfg.model.weights == "x" and OmegaConf.is_missing(cfg.model, "vae")  # eval.py's weights are its ckpt
     assert OmegaConf.is_missing(compose_cfg("train", "model=dit_xl_2").model, "weights")
     assert cfg.model.arch.num_layers == 28 and cfg.model.arch.num_attention_heads * cfg.model.arch.attention_head_dim == 1152
+
+
+def test_rtn_depends_on_the_seed_only_through_static_activation_scales(compose_cfg):
+    seeded = lambda *o: build_method(compose_cfg("train", "method=rtn", *o)).seeded  # noqa: E731
+    assert not seeded("quant=w4g64") and seeded("quant=w4a8")
+    assert not seeded("quant=w4a8", "act.granularity=token", "act.dynamic=true")

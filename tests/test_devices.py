@@ -83,3 +83,15 @@ def test_calibration_keeps_label_embedders_in_eval_mode(block_and_rows):
     assert embedder.dropout_prob > 0 and not embedder.training and module.training
     h, t, y, _ = rows
     torch.testing.assert_close(module(h, t, y), block(h, timestep=t, class_labels=y))
+
+
+def test_activation_quantizers_are_calibrated_on_the_configured_device(block_and_rows):
+    from vq4dit.methods import RTN
+    from vq4dit.quant.presets import ActPreset, UniformPreset
+
+    block, rows = block_and_rows
+    data = BlockData(copy.deepcopy(block).to(META), 0, rows, rows, META, seed=0)
+    quantizers = RTN(UniformPreset(bits=4), ActPreset(bits=8)).input_quantizers(block_linears(block), data)
+    assert len(quantizers) == 6 and {q.scale.device for q in quantizers.values()} == {META}
+    x = torch.randn(2, 16, 64, device=META)
+    assert quantizers["attn1.to_q"](x).device == META

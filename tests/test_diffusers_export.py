@@ -172,6 +172,21 @@ def test_export_refuses_an_existing_folder_and_a_bad_decode_mode(quantized_check
     assert "\n" not in str(err.value) and not (tmp_path / "x").exists()
 
 
+def test_export_refuses_a_checkpoint_with_activation_quantizers(tmp_path):
+    from vq4dit.quant.presets import ActPreset
+
+    model = tied_tiny()
+    sampler = Sampler(DDIMScheduler(beta_schedule="linear", clip_sample=False), steps=4, guidance_scale=1.5,
+                      batch_size=8)
+    pool = calibration_pool(model, sampler, trajectories=4, size=32, heldout_trajectories=2, heldout_size=8,
+                            progress=False)
+    result = quantize_model(model, RTN(UniformPreset(bits=4), ActPreset(bits=8)), pool, progress=False)
+    ckpt = save_quantized(result.model, tmp_path / "checkpoint")
+    with pytest.raises(UserError, match="quantizes activations at transformer_blocks.0.*act=none") as err:
+        export_diffusers(load_quantized(ckpt), tmp_path / "out")
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
 def test_an_untested_diffusers_version_is_refused_with_the_tested_range(quantized_checkpoints, tmp_path, monkeypatch):
     folder = export_diffusers(load_quantized(quantized_checkpoints["kmeans"]), tmp_path / "export")
     monkeypatch.setattr("diffusers.__version__", "0.99.0")

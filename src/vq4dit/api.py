@@ -8,8 +8,9 @@
     result = quantize_model(model, VQ4DiT(VQPreset(k=256, d=4)), pool, device="cuda")
     save_quantized(result.model, "dit-w2")                      # load_quantized("dit-w2") gives it back
 
-Any method (`RTN`, `GPTQ`, `KMeansVQ`, `ClassicVQ`, `VQ4DiT`) takes its preset (`VQPreset(k, d)` or
-`UniformPreset(bits, group_size, symmetric)`) and its settings as keyword arguments.
+Any method (`RTN`, `GPTQ`, `KMeansVQ`, `ClassicVQ`, `VQ4DiT`, `QDiT`, `PTQ4DiT`) takes its preset (`VQPreset(k, d)`
+or `UniformPreset(bits, group_size, symmetric)`), optionally activations (`act=ActPreset(bits=8)`, the method's
+granularity unless given) and its settings as keyword arguments.
 """
 
 from diffusers import DDPMScheduler, DiTTransformer2DModel
@@ -17,10 +18,10 @@ from diffusers import DDPMScheduler, DiTTransformer2DModel
 from vq4dit.calibration.block_cache import BlockCache
 from vq4dit.calibration.pipeline import QuantizationResult, default_trainer, quantize_block, quantize_model
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs
-from vq4dit.methods import GPTQ, RTN, ClassicVQ, FitSettings, KMeansVQ, Method, VQ4DiT
+from vq4dit.methods import GPTQ, PTQ4DiT, RTN, ClassicVQ, FitSettings, KMeansVQ, Method, QDiT, VQ4DiT
 from vq4dit.models import ConditionalDiT, load_dit
 from vq4dit.quant.checkpoint import load_quantized, save_quantized
-from vq4dit.quant.presets import UniformPreset, VQPreset
+from vq4dit.quant.presets import ActPreset, UniformPreset, VQPreset
 from vq4dit.sampling import Sampler
 
 
@@ -39,7 +40,7 @@ def calibration_pool(model: ConditionalDiT | DiTTransformer2DModel, sampler: Sam
                                progress=progress)
 
 
-__all__ = ["BlockCache", "ClassicVQ", "ConditionalDiT", "FitSettings", "GPTQ", "KMeansVQ", "Method",
-           "QuantizationResult", "RTN", "Sampler", "UniformPreset", "VQ4DiT", "VQPreset", "ZeroDataBlockInputs",
-           "calibration_pool", "default_trainer", "load_dit", "load_quantized", "quantize_block",
+__all__ = ["ActPreset", "BlockCache", "ClassicVQ", "ConditionalDiT", "FitSettings", "GPTQ", "KMeansVQ", "Method",
+           "PTQ4DiT", "QDiT", "QuantizationResult", "RTN", "Sampler", "UniformPreset", "VQ4DiT", "VQPreset",
+           "ZeroDataBlockInputs", "calibration_pool", "default_trainer", "load_dit", "load_quantized", "quantize_block",
            "quantize_model", "save_quantized"]

@@ -145,6 +145,17 @@ RULES: dict[str, Rule] = {
     "method.freeze_every": POSITIVE, "method.harden_at": FRACTION,
     "method.lr_ratios": RATE, "method.kmeans_iters": POSITIVE, "method.kmeans_points_per_codeword": POSITIVE,
     "method.damp": Num(0), "method.block_size": POSITIVE, "method.act_order": BOOL,
+    "method.balance": BOOL, "method.lr_rounding": RATE, "method.lr_act_scale": RATE, "method.beta_start": RATE,
+    "method.beta_end": RATE, "method.warmup": Num(0, 1, high_open=True),
+    "method.group_sizes": Rule("path", null=True), "method.space": Rule("ints"), "method.base_group_size": POSITIVE,
+    "method.reference_width": POSITIVE, "method.budget": Choice("bitops", "mean_group_size"),
+    "method.search.generations": POSITIVE, "method.search.population": POSITIVE, "method.search.select": POSITIVE,
+    "method.search.mutations": Int(0), "method.search.crossovers": Int(0), "method.search.mutation_prob": Num(0, 1),
+    "method.search.score": Choice("psnr", "fid", "hidden_mse"), "method.search.samples": Int(2),
+    # activation presets
+    "act.name": STR, "act.bits": Int(2, 16, null=True),
+    "act.granularity": Choice("tensor", "token", "token_group", null=True), "act.group_size": Int(1, null=True),
+    "act.dynamic": Rule("bool", null=True), "act.symmetric": BOOL, "act.attention": BOOL,
     # fitting
     "fit.iterations": POSITIVE, "fit.batch_size": POSITIVE, "fit.lr": RATE, "fit.rmsprop_alpha": Num(0, 1, low_open=True, high_open=True),
     "fit.log_every": POSITIVE,

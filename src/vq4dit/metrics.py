@@ -114,3 +114,10 @@ class SamplesPSNR:
     def compute(self) -> float:
         value = self.metric.compute().item()
         return value if math.isfinite(value) else float("inf")
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR (dB) of images against reference images from the same noise, both in [-1, 1], in one batch."""
+    metric = SamplesPSNR()
+    metric.update(images, reference)
+    return metric.compute()

@@ -43,17 +43,19 @@ warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*
 
 
 def build_method(cfg: DictConfig) -> Method:
-    """The configured method with its preset; a preset of another family is refused with one line."""
+    """The configured method with its presets; a preset of another family is refused with one line."""
     make = instantiate(cfg.method, _partial_=True, _convert_="all")  # (an object passed to instantiate would
-    return make(quant=named_preset(cfg))                                # be turned back into a config)
+    return make(quant=named_preset(cfg, "quant"), act=named_preset(cfg, "act"))  # be turned back into a config)
 
 
-def named_preset(cfg: DictConfig):
-    """The preset, named as configured while its values are the named preset's; changed values are named by
-    themselves (`quant=w3 quant.k=3` is `k3-d2`, not w3), so no manifest or cache folder names something else."""
-    preset = instantiate(cfg.quant)
-    named = Path(cfg.paths.root_dir) / "configs" / "quant" / f"{cfg.quant.name}.yaml"
-    if named.is_file() and all(cfg.quant.get(k) == v for k, v in OmegaConf.load(named).items()):
+def named_preset(cfg: DictConfig, group: str):
+    """The preset of `group`, named as configured while its values are the named preset's; changed values are
+    named by themselves (`quant=w3 quant.k=3` is `k3-d2`, not w3), so no manifest or cache folder names something
+    else."""
+    preset = instantiate(cfg[group])
+    named = Path(cfg.paths.root_dir) / "configs" / group / f"{cfg[group].name}.yaml"
+    values = OmegaConf.load(named) if named.is_file() else None
+    if values is not None and all(cfg[group].get(k) == v for k, v in values.items() if k != "defaults"):
         return preset
     return replace(preset, name=preset.values_name())
 
@@ -86,7 +88,7 @@ def _quantize(cfg: DictConfig) -> Path:
     trainer = default_trainer(device, logger, instantiate(cfg.trainer), precision=cfg.precision)
     result = quantize_model(model, method, pool, device=device, devices=devices, precision=cfg.precision,
                             seed=cfg.seed, fit=fit, student_inputs=pool_cfg.student_inputs, cache=cache,
-                            trainer=trainer, logger=logger)
+                            trainer=trainer, logger=logger, output_dir=out, scorer=lambda: instantiate(cfg.metric))
     manifest = {"model": OmegaConf.to_container(cfg.model, resolve=True), "method": method.record(),
                 "fit": asdict(fit) if method.fits else None,
                 "pool": {**OmegaConf.to_container(pool_cfg), "trajectories": pool.trajectories},
@@ -123,7 +125,8 @@ def block_cache_folder(cfg: DictConfig, method: Method, out: Path, weights: str)
                  cache_format=BlockCache.FORMAT)
     keyed["pool"]["rows"] = "balanced labels, even per trajectory"  # blocks cached from the earlier pool differ
     digest = hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    folder = Path(cfg.paths.log_dir) / "train" / "cache" / f"{cfg.model.name}-{method.quant.name}-{method.name}-{digest}"
+    act = f"-{method.act.name}" if method.activation.enabled else ""
+    folder = Path(cfg.paths.log_dir) / "train" / "cache" / f"{cfg.model.name}-{method.quant.name}{act}-{method.name}-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "config.json.tmp"
     tmp.write_text(json.dumps(keyed, indent=2, default=str) + "\n")

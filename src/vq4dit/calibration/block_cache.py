@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from vq4dit.errors import UserError
-from vq4dit.quant.quantized_linear import QuantizedLinear, from_stored
+from vq4dit.quant.quantized_linear import QuantizedLinear, from_stored, stored_form
 
 
 class BlockCache:
@@ -34,7 +34,7 @@ class BlockCache:
     def save(self, index: int, layers: dict[str, QuantizedLinear], stats: dict) -> None:
         tensors, records = {}, {}
         for name, layer in layers.items():
-            stored, records[name] = layer.stored()
+            stored, records[name] = stored_form(layer)
             tensors.update({f"{name}.{key}": t.detach().contiguous().cpu() for key, t in stored.items()})
         path = self.path(index)
         tmp = path.with_name(path.name + ".tmp")

@@ -9,7 +9,7 @@ Block errors run under the calibration's `precision` autocast, like the teacher'
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ class BlockData:
     seed: int
     chunk: int = 256
     precision: str = "fp32"    # autocast of block errors (fp32, bf16, fp16)
+    # layer name -> its input quantizer, once the method has them: observed inputs are then what the quantized
+    # layer will see (GPTQ's Hessians of quantized activations, as Q-DiT computes them)
+    input_quantizers: dict = field(default_factory=dict)
 
     def layer_seed(self, j: int) -> int:
         return self.seed + 1000 * self.index + j
@@ -49,12 +52,19 @@ class BlockData:
         return total / target.numel()
 
     @torch.no_grad()
-    def observe_inputs(self, names: list[str], observe: Callable[[str, torch.Tensor], None]) -> None:
-        """Run the fp block over the training rows; `observe(name, x)` receives the input of every named linear."""
-        hooks = [self.block.get_submodule(name).register_forward_pre_hook(
-            lambda _, args, name=name: observe(name, args[0])) for name in names]
+    def observe_inputs(self, names: list[str], observe: Callable[[str, torch.Tensor], None],
+                       rows: torch.Tensor | None = None) -> None:
+        """Run the fp block over the training rows (or those of them `rows` indexes); `observe(name, x)` receives
+        the input of every named linear (through the layer's input quantizer, if `input_quantizers` has one)."""
+        def hook(name):
+            quantizer = self.input_quantizers.get(name)
+            return lambda _, args: observe(name, args[0] if quantizer is None else quantizer(args[0]))
+
+        hooks = [self.block.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
         try:
             x, t, y, _ = self.train
+            if rows is not None:
+                x, t, y = x[rows], t[rows], y[rows]
             for i in range(0, len(x), self.chunk):
                 rows = slice(i, i + self.chunk)
                 self.block(x[rows].to(self.device), timestep=t[rows].to(self.device),

@@ -1,10 +1,12 @@
 """The block loop: quantize a DiT block by block against its own full-precision blocks, with any method.
 
-For each block: the pool's inputs go through the fp block once (its outputs are the targets and the next
-block's inputs); the method starts, prepares, optionally fits (one Lightning `Trainer.fit` on the block loss) and
-finalizes the block's linears; the result is kept only if it beats the start on held-out rows; the deployed
-layers replace the block's linears. A `BlockCache` keeps finished blocks, so an interrupted run resumes at the
-first unfinished block. The loop never asks which method it runs.
+Before the loop the method may take a model-level step (`before_blocks`). For each block: the pool's inputs go
+through the fp block once (its outputs are the targets and the next block's inputs); the method may
+re-parameterize the fp block and gives its activation quantizers (which ride on every stage below, so start,
+fit and result all see quantized activations); it starts, prepares, optionally fits (one Lightning
+`Trainer.fit` on the block loss) and finalizes the block's linears; the result is kept only if it beats the
+start on held-out rows; the deployed layers replace the block's linears. A `BlockCache` keeps finished blocks,
+so an interrupted run resumes at the first unfinished block. The loop never asks which method it runs.
 
 `precision` (fp32, bf16, fp16) is the autocast of every block forward: teacher targets, held-out errors and the
 student's fit (Lightning's "bf16-mixed": the student's weights, optimizer and loss stay fp32). A block's rows sit
@@ -13,15 +15,18 @@ batch. With several `devices` (fp student inputs: every block is independent), p
 each quantize a share of the blocks into the cache, and the loop then assembles them (`block_parallel`).
 """
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import torch
 from diffusers import DiTTransformer2DModel
+from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
@@ -32,9 +37,11 @@ from vq4dit.calibration.block_parallel import quantize_blocks_in_parallel
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs
 from vq4dit.devices import fits_on, lightning_accelerator, resolve_devices
 from vq4dit.errors import UserError
-from vq4dit.methods.base import FitSettings, Method
+from vq4dit.methods.base import FitSettings, Method, RunContext
 from vq4dit.models import ConditionalDiT
 from vq4dit.precision import LIGHTNING, autocast, check_precision
+from vq4dit.quant.act_quantizer import attach_input_quantizer
+from vq4dit.quant.attention_quantizer import install_attention_quantizers
 from vq4dit.quant.block_layers import block_linears, replace_layer
 from vq4dit.quant.quantized_linear import QuantizedLinear
 from vq4dit.seeds import generator
@@ -55,12 +62,15 @@ def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method
                    device: str | torch.device | None = None, devices: int | list[int] = 1, precision: str = "fp32",
                    seed: int = 0, fit: FitSettings | None = None, student_inputs: str = "fp",
                    cache: BlockCache | None = None, trainer: TrainerFactory | None = None, logger=None,
-                   progress: bool = True, blocks: Collection[int] | None = None) -> QuantizationResult:
+                   progress: bool = True, output_dir: Path | None = None, scorer: Callable | None = None,
+                   blocks: Collection[int] | None = None) -> QuantizationResult:
     """Quantize every block of `model` in place with `method`, calibrating on `pool`; returns the model and
     per-block statistics. `device` defaults to the model's; `devices` (N, or CUDA indices) spreads the blocks over
     several devices; `precision` is the autocast of block forwards; `trainer` builds the Lightning Trainer of a
     block's fit (default: `default_trainer(device, logger, precision=precision)`), `logger` receives the curves.
-    `blocks`: quantize only these (the others only advance the pool), as a process of a parallel run does."""
+    A model-level step of the method keeps its resume state in the cache's folder and its results in
+    `output_dir`; `scorer` builds the sample scorer it may use. `blocks`: quantize only these (the others only
+    advance the pool), as a process of a parallel run does (its method arrives after the model-level step)."""
     check_student_inputs(student_inputs)
     check_precision(precision)
     model = ConditionalDiT.of(model)
@@ -69,6 +79,10 @@ def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method
     method.check(block_linears(model.blocks[0]))
     make_trainer = trainer or default_trainer(device, logger, precision=precision)
     start = time.time()
+    run = RunContext(pool, device, seed, logger, cache.folder if cache is not None else None,
+                     Path(output_dir) if output_dir is not None else None, scorer, progress)
+    if blocks is None:
+        method.before_blocks(model, run)
     spread = resolve_devices(device, devices) if devices != 1 else [device]
     if len(spread) > 1:
         cache = quantize_blocks_in_parallel(model, method, pool, spread, precision=precision, seed=seed, fit=fit,
@@ -83,6 +97,8 @@ def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method
         if blocks is not None and i not in blocks:  # another process quantizes it
             pool.hidden = targets
             continue
+        if method.activation.attention:  # after the fp targets: from here on the block attends quantized
+            install_attention_quantizers([block], method.activation.record_attention())
         inputs = pool.hidden if student_hidden is None else student_hidden
         home = rows_home(device, inputs, targets)
         rows = lambda part: tuple(r.to(home) for r in (inputs[part], pool.timesteps[part], pool.labels[part],  # noqa: E731
@@ -127,11 +143,16 @@ def quantize_block(method: Method, data: BlockData, fit: FitSettings,
     """One block: start, prepare, fit (if the method fits), finalize; the better of start and result on the
     held-out rows is returned with the block's statistics."""
     L.seed_everything(data.seed + data.index, workers=True, verbose=False)
+    method.transform_block(data)
     linears = block_linears(data.block)
-    start = method.start(linears, data)
+    quantizers = method.input_quantizers(linears, data)
+    data.input_quantizers = quantizers
+    start = with_input_quantizers(method.start(linears, data), copy.deepcopy(quantizers))  # its own copies
     start_mse = data.heldout_mse(with_layers(data.block, start)).item()
     stats = {"block": data.index, "start_mse": start_mse}
     layers = method.prepare(linears, start, data)
+    layers = {name: layer if layer is start[name] else attach_input_quantizer(layer, quantizers.get(name))
+              for name, layer in layers.items()}
     if method.fits:
         student = with_layers(data.block, layers)
         module = BlockCalibration(student, layers, method, fit, data, mse_scale=max(start_mse, 1e-12))
@@ -142,7 +163,11 @@ def quantize_block(method: Method, data: BlockData, fit: FitSettings,
         stats.update(module.stats)
         # Lightning's teardown leaves the fitted module on the CPU: bring the layers back to the block's device
         layers = {name: layer.to(data.device) for name, layer in layers.items()}
+    for quantizer in quantizers.values():
+        quantizer.freeze()  # a learned static scale is deployed as a plain tensor
     final = {name: method.finalize(layer).to(data.device) for name, layer in layers.items()}
+    final = {name: layer if layer is start[name] else attach_input_quantizer(layer, quantizers.get(name))
+             for name, layer in final.items()}
     if all(final[name] is start[name] for name in final):  # the method is its own start (RTN, k-means)
         stats.update(shipped_mse=start_mse, kept="start")
         return final, stats
@@ -153,6 +178,10 @@ def quantize_block(method: Method, data: BlockData, fit: FitSettings,
         log.warning("block %d: %s result (held-out MSE %.3g) is worse than its start (%.3g); shipping the start",
                     data.index, method.name, method_mse, start_mse)
     return (final if kept == "method" else start), stats
+
+
+def with_input_quantizers(layers: dict[str, nn.Module], quantizers: dict) -> dict[str, nn.Module]:
+    return {name: attach_input_quantizer(layer, quantizers.get(name)) for name, layer in layers.items()}
 
 
 @dataclass

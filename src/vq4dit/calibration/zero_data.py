@@ -38,7 +38,7 @@ class ZeroDataBlockInputs:
         trajectories = covering_trajectories(trajectories, model.num_classes)
         check_pool_sizes(trajectories=trajectories, size=size, heldout_trajectories=heldout_trajectories,
                          heldout_size=heldout_size)
-        self.chunk, self.trajectories = chunk, trajectories
+        self.chunk, self.trajectories, self.sampler = chunk, trajectories, sampler
         train = _visit(model, sampler, trajectories, size, seed, "calibration", progress)
         heldout = _visit(model, sampler, heldout_trajectories, heldout_size, seed, "calibration-heldout", progress)
         x, self.timesteps, self.labels = (torch.cat(parts) for parts in zip(train, heldout))

@@ -7,7 +7,8 @@ The folder holds diffusers' `config.json` (the transformer's own config plus a `
 A full-precision model exports the same way (no layers; the config keeps its timestep shift), and as a plain
 diffusers folder when it has diffusers' own shift.
 
-Not carried: the sampler's 3-channel guidance of the original DiT (`guided_channels`). diffusers' `DiTPipeline`
+Weight-only checkpoints only: a checkpoint with activation quantizers is refused (they are simulated, so a
+deployed model gains nothing from them). Not carried: the sampler's 3-channel guidance of the original DiT (`guided_channels`). diffusers' `DiTPipeline`
 guides all `in_channels`; the config records `guided_channels` for readers, see the README.
 """
 
@@ -23,6 +24,7 @@ from safetensors.torch import save_file
 from vq4dit.deploy.diffusers_quantizer import VQ4DiTConfig
 from vq4dit.errors import UserError, instantiate
 from vq4dit.models import ConditionalDiT
+from vq4dit.quant.attention_quantizer import attention_quantizer_record
 from vq4dit.quant.checkpoint import VERSION, is_quantized_checkpoint, load_quantized, read_manifest, stored_state
 from vq4dit.quant.decode import DECODE_MODES
 
@@ -40,6 +42,7 @@ def export_diffusers(model: ConditionalDiT, folder: Path, decode: str = "per_for
         raise UserError(f"{folder} already exists; earlier results are never overwritten")
     transformer = model.transformer
     state = stored_state(transformer)
+    check_weight_only(state.layers, attention_quantizer_record(transformer))
     config = {"_class_name": type(transformer).__name__, "_diffusers_version": diffusers.__version__,
               **{k: v for k, v in transformer.config.items() if not k.startswith("_") and k != "quantization_config"}}
     shift = transformer.transformer_blocks[0].norm1.emb.time_proj.downscale_freq_shift
@@ -54,6 +57,16 @@ def export_diffusers(model: ConditionalDiT, folder: Path, decode: str = "per_for
     (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, folder)
     return folder
+
+
+def check_weight_only(layers: dict[str, dict], attention: dict | None) -> None:
+    """diffusers' loader gets weight-only models: activation quantization here is simulated (it saves no memory
+    and no time), and the backend does not reinstall its quantizers."""
+    acting = [name for name, record in layers.items() if "input_quantizer" in record]
+    if acting or attention is not None:
+        where = f"{acting[0]} ({len(acting)} layers)" if acting else "the attention matmuls"
+        raise UserError(f"this checkpoint quantizes activations at {where}: export carries weight-only "
+                        "checkpoints (act=none); load it with vq4dit.api.load_quantized instead")
 
 
 def export(cfg: DictConfig) -> Path:

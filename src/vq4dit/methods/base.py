@@ -1,7 +1,15 @@
 """The method seam: what the block loop asks of a quantization method.
 
+Once, before the block loop, `before_blocks(model, run)`: a model-level step on the full-precision model (Q-DiT's
+group-size search); nothing by default.
+
 For every block the pipeline calls, in this order and without knowing which method it runs:
 
+0. `transform_block(data)` - an output-preserving re-parameterization of the full-precision block before its
+   linears are quantized (PTQ4DiT folds its salience balancing into adaLN and v); nothing by default. Then
+   `input_quantizers(linears, data)` - the activation quantizers of the layers whose inputs the method quantizes
+   (`act`, at `input_sites`), static ones calibrated on the block's training rows; they ride on the start, the
+   prepared layers (so a fit sees quantized activations) and the deployed layers.
 1. `start(linears, data)` - the data-free starting point as deployed layers (k-means VQ, round-to-nearest).
    Fitting methods normalise their loss by its block error, and the pipeline never ships a block that is worse
    than it on held-out rows.
@@ -15,19 +23,25 @@ A method is one module and one config (`configs/method/<name>.yaml`, whose `_tar
 the preset family it accepts, and `check` refuses presets and models it cannot apply to before any work.
 """
 
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from vq4dit.errors import UserError
-from vq4dit.quant.presets import FAMILIES, preset_record
+from vq4dit.quant.act_quantizer import ActQuantizer
+from vq4dit.quant.block_layers import INPUT_SITES
+from vq4dit.quant.presets import FAMILIES, ActPreset, preset_record
 from vq4dit.quant.quantized_linear import QuantizedLinear
 
 if TYPE_CHECKING:
     from vq4dit.calibration.block_calibration import BlockCalibration
     from vq4dit.calibration.block_data import BlockData
+    from vq4dit.calibration.zero_data import ZeroDataBlockInputs
+    from vq4dit.models import ConditionalDiT
 
 
 @dataclass(frozen=True)
@@ -50,12 +64,31 @@ class FitSettings:
             raise UserError(f"fit.rmsprop_alpha={self.rmsprop_alpha}; valid: a value in (0, 1)")
 
 
+@dataclass
+class RunContext:
+    """What a model-level step (`Method.before_blocks`) may use besides the model."""
+
+    pool: "ZeroDataBlockInputs"       # its `sampler` is the full-precision sampler of the run
+    device: torch.device
+    seed: int
+    logger: Any = None                # a Lightning logger (TensorBoard curves), or None
+    work_dir: Path | None = None      # kept across an interrupted run of the same config (resume state)
+    output_dir: Path | None = None    # this run's folder (results a user may reuse)
+    scorer: Callable[[], Any] | None = None   # builds the configured sample scorer (FID), if the run has one
+    progress: bool = True
+
+
+@dataclass
 class Method:
+    quant: object                  # the weight preset (every subclass narrows its type)
+    act: ActPreset = field(default_factory=ActPreset)  # activations (act=none: full precision)
     name: ClassVar[str]
     family: ClassVar[str]          # the preset family this method accepts ("vq" or "uniform")
     fits: ClassVar[bool] = False   # whether prepared layers are trained on the block loss
     seeded: ClassVar[bool] = True  # whether the result depends on the seed (its pool, its k-means start)
-    quant: object                  # the preset (a dataclass field of every subclass)
+    # where and how the method quantizes activations when `act` has bits (an act preset's open settings)
+    input_sites: ClassVar[tuple[str, ...]] = ("qkv", "proj", "fc1", "fc2")
+    act_defaults: ClassVar[dict] = {"granularity": "tensor", "dynamic": False}
 
     def __post_init__(self):
         expected = FAMILIES[self.family]
@@ -64,11 +97,44 @@ class Method:
             raise UserError(f"quant={preset} is a {getattr(self.quant, 'family', '?')} preset "
                             f"({self.quant.describe() if hasattr(self.quant, 'describe') else self.quant}); "
                             f"method={self.name} needs a {self.family} preset ({expected.__name__})")
+        if not isinstance(self.act, ActPreset):
+            raise UserError(f"act={self.act}; valid: an activation preset (configs/act/)")
+        self.activation = self.act.resolved(self.act_defaults)  # the act preset as this method applies it
 
     # -- the block loop ------------------------------------------------------------------------------------
     def check(self, linears: dict[str, nn.Linear]) -> None:
-        """Raise a one-line UserError if the method or its preset cannot be applied to these layers."""
+        """Raise a one-line UserError if the method or its presets cannot be applied to these layers."""
         self.quant.check(linears)
+        if self.activation.enabled:
+            for site in self.input_sites:
+                width = linears[INPUT_SITES[site][0]].in_features
+                group = self.act_group_size(site, 0)
+                if self.activation.granularity == "token_group" and group is None:
+                    raise UserError("act.granularity=token_group needs act.group_size; valid: a divisor of the "
+                                    f"input width {width} of {site}")
+                if group is not None and width % group:
+                    raise UserError(f"act.group_size={group} does not divide the input width {width} of {site}")
+
+    # -- model-level and per-block steps around the weights ---------------------------------------------------
+    def before_blocks(self, model: "ConditionalDiT", run: RunContext) -> None:
+        """Once, on the full-precision model, before the block loop."""
+
+    def transform_block(self, data: "BlockData") -> None:
+        """Re-parameterize `data.block` (full precision) in place, keeping its outputs, before quantizing it."""
+
+    def act_group_size(self, site: str, block: int) -> int | None:
+        """Channels per activation range at `site` of block `block` (token_group granularity)."""
+        return self.activation.group_size if self.activation.granularity == "token_group" else None
+
+    def input_quantizers(self, linears: dict[str, nn.Linear], data: "BlockData") -> dict[str, ActQuantizer]:
+        """Layer name -> the quantizer of its input ({} without activation quantization); the linears of a site
+        share one; static ones are calibrated on the block's training rows."""
+        from vq4dit.calibration.input_quantizers import build_input_quantizers
+
+        if not self.activation.enabled:
+            return {}
+        groups = {site: self.act_group_size(site, data.index) for site in self.input_sites}
+        return build_input_quantizers(self.activation, groups, linears, data)
 
     def start(self, linears: dict[str, nn.Linear], data: "BlockData") -> dict[str, QuantizedLinear]:
         raise NotImplementedError
@@ -104,6 +170,9 @@ class Method:
 
     # -- records -------------------------------------------------------------------------------------------
     def record(self) -> dict:
-        """The method and its settings as the manifest stores them."""
-        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "quant"}
-        return {"name": self.name, **settings, "quant": preset_record(self.quant)}
+        """The method and its settings as the manifest stores them (activations only when quantized)."""
+        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("quant", "act")}
+        record = {"name": self.name, **settings, "quant": preset_record(self.quant)}
+        if self.activation.enabled:
+            record["act"] = {**preset_record(self.activation), "sites": list(self.input_sites)}
+        return record

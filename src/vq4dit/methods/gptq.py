@@ -41,21 +41,27 @@ class GPTQ(Method):
             raise UserError(f"method.damp={self.damp}, method.block_size={self.block_size}; "
                             "valid: damp in [0, 1), block_size >= 1")
 
+    def group_size(self, name: str, block: int) -> int | None:
+        """Input columns per weight group of linear `name` of block `block` (None: per output channel)."""
+        return self.quant.group_size
+
     def start(self, linears: dict[str, nn.Linear], data) -> dict[str, UniformLinear]:
         q = self.quant
-        return {name: UniformLinear.from_linear(linear, q.bits, q.group_size, q.symmetric)
+        return {name: UniformLinear.from_linear(linear, q.bits, self.group_size(name, data.index), q.symmetric)
                 for name, linear in linears.items()}
 
     def prepare(self, linears: dict[str, nn.Linear], start, data) -> dict[str, UniformLinear]:
         hessians = {name: Hessian(linear.in_features, data.device) for name, linear in linears.items()}
         data.observe_inputs(list(linears), lambda name, x: hessians[name].add(x))
-        return {name: self.quantize(linear, hessians[name].value()) for name, linear in linears.items()}
+        return {name: self.quantize(linear, hessians[name].value(), self.group_size(name, data.index))
+                for name, linear in linears.items()}
 
-    def quantize(self, linear: nn.Linear, hessian: torch.Tensor) -> UniformLinear:
+    def quantize(self, linear: nn.Linear, hessian: torch.Tensor, group_size: int | None | str = "preset") -> UniformLinear:
         q = self.quant
-        codes, grid = gptq(linear.weight, hessian, q.bits, q.group_size, q.symmetric, self.damp, self.block_size,
+        group = q.group_size if group_size == "preset" else group_size
+        codes, grid = gptq(linear.weight, hessian, q.bits, group, q.symmetric, self.damp, self.block_size,
                            self.act_order)
-        return UniformLinear(codes, grid.scale, grid.zero, q.bits, q.group_size, q.symmetric, linear_bias(linear))
+        return UniformLinear(codes, grid.scale, grid.zero, q.bits, group, q.symmetric, linear_bias(linear))
 
 
 class Hessian:

@@ -15,7 +15,11 @@ class RTN(Method):
     quant: UniformPreset
     name = "rtn"
     family = "uniform"
-    seeded = False
+
+    @property
+    def seeded(self) -> bool:
+        """The weights need no data; static activation scales are calibrated on the (seeded) pool."""
+        return self.activation.enabled and not self.activation.dynamic
 
     def start(self, linears: dict[str, nn.Linear], data) -> dict[str, UniformLinear]:
         q = self.quant

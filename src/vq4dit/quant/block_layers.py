@@ -22,3 +22,14 @@ def block_linears(block: nn.Module) -> dict[str, nn.Module]:
 def replace_layer(block: nn.Module, name: str, layer: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(block.get_submodule(parent), child, layer)
+
+
+# Where activations are quantized: the input of each site, shared by its linears (the original's fused qkv reads
+# one quantized input). A method picks the sites it quantizes (`Method.input_sites`).
+INPUT_SITES = {
+    "qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
+    "proj": ("attn1.to_out.0",),
+    "fc1": ("ff.net.0.proj",),
+    "fc2": ("ff.net.2",),
+    "adaln": ("norm1.linear",),  # SiLU of the timestep + label embedding, once per sample
+}

@@ -10,7 +10,9 @@ counted from the stored tensors next to fp32/fp16.
 
 Loading builds the architecture with its parameters on the meta device, reads one layer's tensors at a time
 from the file and puts the deployed layer in place, so the peak is the quantized model plus one layer's
-temporaries: the full-precision model is never allocated.
+temporaries: the full-precision model is never allocated. Activation quantizers travel with their layers
+(static scales as tensors under `<layer>.input_quantizer.*`); attention-matmul quantizers, which hold no
+tensors, as the manifest's `attention_quantizers` settings.
 """
 
 import json
@@ -27,14 +29,16 @@ from safetensors.torch import save_file
 from vq4dit.errors import UserError, instantiate
 from vq4dit.models import ConditionalDiT
 from vq4dit.models.embedders import share_embedders, shared_embedders
+from vq4dit.quant.attention_quantizer import attention_quantizer_record, install_attention_quantizers
 from vq4dit.quant.block_layers import replace_layer
 from vq4dit.quant.decode import DECODE_MODES, decode_once
-from vq4dit.quant.quantized_linear import QuantizedLinear, from_stored
+from vq4dit.quant.quantized_linear import QuantizedLinear, from_stored, is_weight_encoding, stored_form
 from vq4dit.quant.stored_checks import check_finite
 
 FORMAT = "vq4dit-checkpoint"
-VERSION = 3  # 3: embedders equal to block 0's are stored once ("shared"); records name their tensors' dtypes
-READABLE_VERSIONS = (2, 3)
+VERSION = 4  # 3: embedders equal to block 0's are stored once ("shared"); records name their tensors' dtypes
+# 4: layers may carry input (activation) quantizers, the manifest attention-matmul quantizers
+READABLE_VERSIONS = (2, 3, 4)
 MANIFEST, TENSORS = "manifest.json", "model.safetensors"
 
 
@@ -60,14 +64,14 @@ def stored_state(transformer: torch.nn.Module) -> StoredState:
     shared = shared_embedders(transformer)
     tensors, records = {}, {}
     for name, layer in layers.items():
-        stored, record = layer.stored()
+        stored, record = stored_form(layer)
         tensors.update({f"{name}.{key}": t for key, t in stored.items()})
-        encoding = sum(t.numel() * t.element_size() for key, t in stored.items() if key != "bias")
+        encoding = sum(t.numel() * t.element_size() for key, t in stored.items() if is_weight_encoding(key))
         dtypes = {key: str(stored[key].dtype).removeprefix("torch.") for key in sorted(stored)}
         records[name] = {**record, "tensors": dtypes, "bits_per_weight": 8 * encoding / layer.num_weights}
     skipped = tuple(f"{alias}." for alias in shared)
     for name, tensor in transformer.state_dict().items():
-        if name.rpartition(".")[0] not in layers and not name.startswith(skipped):
+        if owning_layer(name, layers) is None and not name.startswith(skipped):
             tensors[name] = tensor
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return StoredState(tensors, records, shared)
@@ -83,6 +87,9 @@ def save_quantized(model: ConditionalDiT, folder: Path, manifest: dict | None = 
     state = stored_state(model.transformer)
     manifest = {"format": FORMAT, "version": VERSION, **manifest, "layers": state.layers, "shared": state.shared,
                 "sizes": size_report(state)}
+    attention = attention_quantizer_record(model.transformer)
+    if attention is not None:  # settings only: the processors hold no tensors
+        manifest["attention_quantizers"] = attention
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -130,6 +137,7 @@ def load_quantized(folder: Path, model_cfg: DictConfig | None = None, *, decode:
             rest = {key: _cast(_finite(key, read(key)), dtype) for key in keys}
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot read {folder / TENSORS}: {e}") from None
+    install_attention_quantizers(model.blocks, manifest.get("attention_quantizers"))
     unexpected = transformer.load_state_dict(rest, strict=False, assign=True).unexpected_keys
     missing = [n for n, t in [*transformer.named_parameters(), *transformer.named_buffers()] if t.is_meta]
     if missing or unexpected:
@@ -187,7 +195,7 @@ def read_layers(read, keys: set[str], records: dict[str, dict]):
         if absent or not names:
             raise UserError(f"the quantized checkpoint has no {prefix}{absent[0] if absent else '*'} tensor")
         try:
-            layer = from_stored({n: read(prefix + n) for n in names}, record)
+            layer = from_stored({n: _finite(prefix + n, read(prefix + n)) for n in names}, record)
         except (ValueError, KeyError, TypeError) as e:  # the manifest and the tensors disagree
             reason = f"its record lacks {e}" if isinstance(e, KeyError) else str(e)
             raise UserError(f"the quantized checkpoint's layer {name} ({record.get('type')!r}) is inconsistent: "
@@ -225,6 +233,16 @@ def _cast_bias(layer: QuantizedLinear, dtype: torch.dtype | None) -> QuantizedLi
     return layer
 
 
+def owning_layer(tensor_name: str, layers) -> str | None:
+    """The quantized layer a state-dict entry belongs to (its own tensors or its input quantizer's), or None."""
+    prefix = tensor_name.rpartition(".")[0]
+    while prefix:
+        if prefix in layers:
+            return prefix
+        prefix = prefix.rpartition(".")[0]
+    return None
+
+
 def read_manifest(folder: Path) -> dict:
     try:
         manifest = json.loads((Path(folder) / MANIFEST).read_text())
@@ -245,7 +263,7 @@ def size_report(state: StoredState) -> dict:
     apart; `model_bits_per_weight`: every stored byte per parameter of the transformer."""
     tensors, layers = state.tensors, state.layers
     nbytes = lambda names: sum(tensors[n].numel() * tensors[n].element_size() for n in names)  # noqa: E731
-    quantized = [n for n in tensors if n.rpartition(".")[0] in layers]
+    quantized = [n for n in tensors if n.rpartition(".")[0] in layers]  # the layers' own tensors (not input quantizers')
     biases = [n for n in quantized if n.endswith(".bias")]
     weights = sum(r["shape"][0] * r["shape"][1] for r in layers.values())
     linear_params = weights + sum(tensors[n].numel() for n in biases)

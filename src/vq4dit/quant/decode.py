@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vq4dit.quant.act_quantizer import attach_input_quantizer, input_quantizer_of
+
 DECODE_MODES = ("per_forward", "once")
 TILE_WEIGHTS = 1 << 19  # weights decoded at a time: 2 MiB in fp32, 1 MiB in bf16/fp16 (+ 4 bytes a code of index)
 _WORD = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
@@ -97,5 +99,7 @@ def decode_once(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
         layer = model.get_submodule(name)
         chosen = dtype or (layer.bias.dtype if layer.bias is not None else torch.float32)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer.to_dense(chosen))
+        # the dense layer keeps the quantized one's activation quantizer: decoding changes how, not what, it computes
+        dense = attach_input_quantizer(layer.to_dense(chosen), input_quantizer_of(layer))
+        setattr(model.get_submodule(parent) if parent else model, child, dense)
     return model

@@ -3,10 +3,13 @@
 A preset belongs to a family. VQ presets give a codebook of k codewords of d weights (log2(k)/d bits per
 weight); uniform presets give bits, a group size along the input dimension (None: one group per output
 channel) and symmetry. A method names the family it accepts and refuses presets of another one.
+
+Activation presets (`ActPreset`, configs/act/) are a family of their own that every method takes: bits, and
+the granularity / group size / dynamic-or-static choice, each of which may be left to the method (None).
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from vq4dit.errors import UserError
 
@@ -76,6 +79,55 @@ class UniformPreset:
 
 
 FAMILIES = {"vq": VQPreset, "uniform": UniformPreset}
+GRANULARITIES = ("tensor", "token", "token_group")
+
+
+@dataclass(frozen=True)
+class ActPreset:
+    """How the inputs of a method's quantized linears are fake-quantized; bits None: not at all (act=none).
+    granularity, group_size and dynamic left None are the method's choice (`Method.act_defaults`)."""
+
+    bits: int | None = None
+    granularity: str | None = None   # tensor | token | token_group
+    group_size: int | None = None    # channels per range for token_group
+    dynamic: bool | None = None      # True: min-max of every call; False: static scales calibrated on the pool
+    symmetric: bool = False
+    attention: bool = False          # also the attention matmul inputs (q, k, v, softmax), dynamically per token
+    name: str = ""
+    family = "act"
+
+    def __post_init__(self):
+        if self.bits is not None and not 2 <= self.bits <= 16:
+            raise UserError(f"act.bits={self.bits}; valid: 2..16, or null (activations in full precision)")
+        if self.granularity is not None and self.granularity not in GRANULARITIES:
+            raise UserError(f"act.granularity={self.granularity}; valid: {', '.join(GRANULARITIES)}")
+        if self.group_size is not None and self.group_size < 1:
+            raise UserError(f"act.group_size={self.group_size}; valid: a positive width")
+        if self.granularity == "token" and self.dynamic is False:
+            raise UserError("act.granularity=token with act.dynamic=false; valid: static ranges are per tensor or "
+                            "per channel group (token_group)")
+        if self.bits is None and self.attention:
+            raise UserError("act.attention=true with act.bits=null; valid: attention quantization needs bits")
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits is not None
+
+    def values_name(self) -> str:
+        if not self.enabled:
+            return "a-none"
+        parts = [f"a{self.bits}", self.granularity, None if self.group_size is None else f"g{self.group_size}",
+                 {None: None, True: "dynamic", False: "static"}[self.dynamic], "sym" if self.symmetric else None,
+                 "attn" if self.attention else None]
+        return "-".join(p for p in parts if p)
+
+    def resolved(self, defaults: dict) -> "ActPreset":
+        """This preset with the settings it leaves open taken from `defaults` (a method's)."""
+        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+    def record_attention(self) -> dict | None:
+        """The attention quantizers' settings, or None when the attention matmuls stay in full precision."""
+        return {"bits": self.bits, "symmetric": self.symmetric} if self.enabled and self.attention else None
 
 
 def preset_record(preset) -> dict:

@@ -4,7 +4,9 @@ Every deployed layer type (VQ codes + codebook, uniform integer codes + per-grou
 `QuantizedLinear` with a `layer_type` name. `stored()` gives the tensors exactly as they go into the checkpoint
 (codes bit-packed to their width) and a JSON-able record of the layer's type and parameters; `from_stored`
 rebuilds the layer from both. Loading dispatches on the recorded type through `LAYER_TYPES`, never on tensor
-names, so a new layer type is one subclass.
+names, so a new layer type is one subclass. A layer's optional activation quantizer (`input_quantizer`, see
+act_quantizer.py, a forward pre-hook) is stored with it by `stored_form` and reinstalled by `from_stored`, for
+every layer type.
 
 Inference (quant/decode.py): without autograd a forward decodes the weight tile by tile (`decode_rows`) into a
 reused buffer and runs the dense GEMM on each tile; `to_dense` gives the `nn.Linear` for `decode=once`. With
@@ -17,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vq4dit.quant.act_quantizer import (PREFIX, attach_input_quantizer, input_quantizer_from_stored,
+                                        stored_input_quantizer)
 from vq4dit.quant.decode import decoded_linear, dense_linear
 
 LAYER_TYPES: dict[str, type["QuantizedLinear"]] = {}
@@ -72,12 +76,30 @@ class QuantizedLinear(nn.Module):
         return {} if self.bias is None else {"bias": self.bias.detach().float()}
 
 
+def stored_form(layer: QuantizedLinear) -> tuple[dict[str, torch.Tensor], dict]:
+    """What the checkpoint holds for `layer`: its type's `stored()` plus its input quantizer, if any (tensors
+    under `input_quantizer.*`, settings under the record's `input_quantizer`)."""
+    tensors, record = layer.stored()
+    act_tensors, act_record = stored_input_quantizer(layer)
+    if act_record is None:
+        return tensors, record
+    return {**tensors, **act_tensors}, {**record, "input_quantizer": act_record}
+
+
+def is_weight_encoding(key: str) -> bool:
+    """Whether a stored tensor encodes the weight (codes, codebook, scales, zeros): not the bias, not the input
+    quantizer's scales."""
+    return key != "bias" and not key.startswith(PREFIX)
+
+
 def from_stored(tensors: dict[str, torch.Tensor], record: dict) -> QuantizedLinear:
-    """The deployed layer a checkpoint record describes (its `type` picks the class)."""
+    """The deployed layer a checkpoint record describes (its `type` picks the class), with its input quantizer."""
     kind = record.get("type")
     if kind not in LAYER_TYPES:
         raise ValueError(f"unknown quantized layer type {kind!r}; known: {', '.join(sorted(LAYER_TYPES))}")
-    return LAYER_TYPES[kind].from_stored(tensors, record)
+    own = {key: t for key, t in tensors.items() if not key.startswith(PREFIX)}
+    layer = LAYER_TYPES[kind].from_stored(own, record)
+    return attach_input_quantizer(layer, input_quantizer_from_stored(tensors, record.get("input_quantizer")))
 
 
 def linear_bias(linear: nn.Linear) -> torch.Tensor | None:
