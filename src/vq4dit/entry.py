@@ -72,12 +72,14 @@ def compose(config_dir: Path, config_name: str, overrides: list[str]) -> DictCon
 def check_config(cfg: DictConfig, results: tuple[str, ...],
                  expected_bytes: Callable[[DictConfig], int] | None = None) -> None:
     from vq4dit.config_schema import validate
-    from vq4dit.outputs import check_no_results, check_writable
+    from vq4dit.outputs import check_free_space, check_no_results, check_writable
 
     validate(cfg)
     out = Path(cfg.paths.output_dir)
     check_no_results(out, results)
-    check_writable(out, expected_bytes(cfg) if expected_bytes is not None else 0)
+    check_writable(out)
+    if expected_bytes is not None:  # (may import the model's code: after the cheap checks)
+        check_free_space(out, expected_bytes(cfg))
     if not out.exists():
         _created_by_this_run.add(out.resolve())
 

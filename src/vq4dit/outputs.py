@@ -19,12 +19,9 @@ def check_no_results(folder: Path, results: tuple[str, ...]) -> None:
                             "(choose another hydra.run.dir or paths.log_dir)")
 
 
-def check_writable(folder: Path, nbytes: int = 0) -> None:
-    """`folder` can be created and written (tried for real: permissions, read-only mounts, a file in the way),
-    and its disk has `nbytes` free."""
-    existing = Path(folder).absolute()
-    while not existing.exists():
-        existing = existing.parent
+def check_writable(folder: Path) -> None:
+    """`folder` can be created and written (tried for real: permissions, read-only mounts, a file in the way)."""
+    existing = _existing_ancestor(folder)
     try:
         if not existing.is_dir():
             raise NotADirectoryError(f"{existing} is a file")
@@ -32,7 +29,18 @@ def check_writable(folder: Path, nbytes: int = 0) -> None:
     except OSError as e:
         raise UserError(f"output folder {folder} cannot be written ({e.strerror or e}); choose a writable "
                         "paths.log_dir (or hydra.run.dir)") from None
-    free = shutil.disk_usage(existing).free
+
+
+def check_free_space(folder: Path, nbytes: int) -> None:
+    """The disk `folder` goes on has `nbytes` free."""
+    free = shutil.disk_usage(_existing_ancestor(folder)).free
     if free < nbytes:
         raise UserError(f"output folder {folder}: {free / 2**20:.0f} MiB free on its disk, this run writes up to "
                         f"{nbytes / 2**20:.0f} MiB; free space or choose another paths.log_dir")
+
+
+def _existing_ancestor(folder: Path) -> Path:
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    return existing
