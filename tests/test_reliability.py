@@ -212,3 +212,27 @@ def test_the_same_command_gives_the_same_checkpoint_bytes_at_the_default_threads
     assert cfgs[0].threads == 1
     first, second = (quantize(cfg) for cfg in cfgs)
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_real_block_gives_the_same_bytes_twice_at_the_default_threads(compose_cfg):
+    """Block 0 of the reference digits DiT, VQ4DiT w3, 50 fit steps, at the configured default `threads`: two
+    runs store the same bytes. (At 2 threads two such runs differed: README, "Reliability".)"""
+    from vq4dit.calibration.block_cache import tensors_digest
+    from vq4dit.calibration.pipeline import quantize_model
+    from vq4dit.calibration.zero_data import ZeroDataBlockInputs
+    from vq4dit.errors import instantiate
+    from vq4dit.methods.base import FitSettings
+    from vq4dit.quant.checkpoint import quantized_layers
+    from vq4dit.quantize import torch_threads
+
+    cfg = compose_cfg("train", "quant=w3", "sampler.steps=20")
+    digests = []
+    for _ in range(2):
+        with torch_threads(cfg.threads):
+            model, sampler = instantiate(cfg.model), instantiate(cfg.sampler)
+            pool = ZeroDataBlockInputs(model, sampler, 16, 256, 0, 2, 64, progress=False)
+            quantize_model(model, build_method(cfg), pool, fit=FitSettings(iterations=50), blocks=[0], progress=False)
+        digests.append(tensors_digest({f"{name}.{key}": t for name, layer in quantized_layers(model).items()
+                                       for key, t in layer.stored()[0].items()}))
+    assert digests[0] == digests[1]
