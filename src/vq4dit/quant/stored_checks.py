@@ -7,9 +7,11 @@ import math
 import torch
 
 
-def check_finite(name: str, tensor: torch.Tensor) -> None:
-    """NaN or Inf in a floating-point tensor (weights, codebooks, scales, biases) is refused, naming it."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+def check_finite(name: str, tensor: torch.Tensor, chunk: int = 1 << 16) -> None:
+    """NaN or Inf in a floating-point tensor (weights, codebooks, scales, biases) is refused, naming it. Checked
+    a chunk at a time, so a load's memory peak never holds a mask of a whole tensor."""
+    parts = tensor.reshape(-1).split(chunk) if tensor.is_floating_point() else ()
+    if not all(bool(torch.isfinite(part).all()) for part in parts):
         bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(f"tensor {name} holds {bad} NaN/Inf value{'s' * (bad > 1)} of {tensor.numel()}")
 
