@@ -180,8 +180,8 @@ def one_thread():
 
 
 def test_interrupted_run_resumes_to_the_same_checkpoint(compose_cfg, tmp_path, monkeypatch, one_thread):
-    """Bit-identical on one CPU thread. (With more threads, any two runs, interrupted or not, share their codes,
-    but RMSprop turns last-bit float noise into ~1e-4 differences in biases.)"""
+    """Bit-identical at one CPU thread, train.py's default (`threads`; README, "Reliability": two threads did not
+    give the same bytes twice)."""
     fast = [*FAST, *SMALL_VQ]
     whole = quantize(compose_cfg("train", *fast, f"paths.log_dir={tmp_path / 'a'}", f"paths.output_dir={tmp_path / 'a/run'}"))
 
