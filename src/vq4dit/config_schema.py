@@ -2,7 +2,7 @@
 
 `validate(cfg)` walks every leaf of a composed config (the `hydra` node apart) and checks it against the first rule
 whose pattern matches its dotted key; a leaf that no rule matches is refused too, so an option added to a config
-file without its rule here stops every run that has it (and tests/test_config_schema.py, which composes every
+file without its rule here stops every run that has it (and tests/test_reliability.py, which composes every
 option of every group). A failure is one `UserError` line naming the key, the value and what is valid. The
 settings' relations (a preset's family, k against a layer's size, d against its width) stay with the classes that
 know them (presets, methods), which check them before any work too.
