@@ -154,10 +154,12 @@ def test_a_refused_rerun_leaves_the_existing_run_folder_as_it_was(finished_run, 
 
 def test_the_printed_eval_command_works_after_architecture_overrides(tmp_path):
     arch = ["model=dit_digits", "model.weights=null", "model.arch.num_layers=1", "model.arch.num_attention_heads=2"]
-    result = cli("train.py", *arch, *TINY[1:], "method=rtn", logs=tmp_path / "logs")
+    result = cli("train.py", *arch, *TINY[1:], "method=rtn", "debug=fast", logs=tmp_path / "logs")
     assert result.returncode == 0, result.stderr[-3000:]
     (line,) = [x for x in result.stdout.splitlines() if x.startswith("score it:")]
     command = line.removeprefix("score it:").split()
+    manifest = json.loads((Path(command[-1].removeprefix("ckpt=")) / "manifest.json").read_text())
+    assert (manifest["debug"], manifest["threads"]) == ("fast", 1)  # a debug run says so in its record
     assert command[:2] == ["python", "eval.py"]
     scored = cli("eval.py", *command[2:], "num_samples=10", "sampler.steps=2", logs=tmp_path / "logs")
     assert scored.returncode == 0, scored.stderr[-3000:]
