@@ -88,6 +88,7 @@ TRAIN_CASES = [  # (overrides, strings the line must name): each stands for a cl
     slow(["method.candidates=abc"], ["method.candidates=abc", "integer"]),
     (["method.iterations=-5"], ["method.iterations=-5", "no setting iterations", "candidates"]),  # unknown key
     slow(["+foo=1"], ["foo=1", "not a setting"]),
+    slow(["model.arch.num_layers=[1"], ["model.arch.num_layers=[1", "not a valid override"]),  # grammar
     slow(["method=kmeans", "method.kmeans_iters=0"], ["method.kmeans_iters=0"]),
     (["quant=w5"], ["quant/w5", "w3"]),                                        # unknown option
     slow(["quant.k=1"], ["quant.k=1", ">= 2"]),

@@ -107,6 +107,9 @@ def _one_line(e: BaseException, config_dir: Path, config_name: str, overrides: l
     text = " ".join(" ".join(str(p).split()) for p in (e, e.__cause__) if p is not None)
     text = text.split(" Config search path:")[0].replace(
         "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.", "").strip()
+    unparsable = _unparsable(overrides)
+    if unparsable is not None:  # the grammar's message does not say which argument it read
+        return f"{unparsable}: not a valid override ({text.split(' See https://')[0]})"
     unknown = re.search(r"Could not override '([^']+)'.*Key '[^']+' is not in struct", text)
     if unknown:  # an unknown key: name the settings its group has
         key = unknown.group(1)
@@ -121,3 +124,16 @@ def _one_line(e: BaseException, config_dir: Path, config_name: str, overrides: l
         except UserError:
             return f"{given}: no such setting"
     return text
+
+
+def _unparsable(overrides: list[str]) -> str | None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except HydraException:
+            return override
+    return None
