@@ -8,14 +8,16 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
-from vq4dit.deploy.export import export  # noqa: E402
-from vq4dit.entry import run  # noqa: E402
+from vq4dit.entry import preflight, run  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="export")
 def main(cfg: DictConfig) -> None:
+    from vq4dit.deploy.export import export
+
     run(lambda: export(cfg))
 
 
 if __name__ == "__main__":
+    preflight(Path(__file__).parent / "configs", "export", results=())
     main()

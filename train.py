@@ -8,19 +8,28 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
-from vq4dit.entry import run  # noqa: E402
-from vq4dit.estimate import estimate  # noqa: E402
-from vq4dit.quantize import quantize  # noqa: E402
+from vq4dit.entry import preflight, run  # noqa: E402
+from vq4dit.outputs import TRAIN_RESULTS  # noqa: E402
+
+
+def expected_bytes(cfg: DictConfig) -> int:
+    from vq4dit.quantize import expected_bytes as count  # the heavy imports only once the config is valid
+
+    return count(cfg)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from vq4dit.estimate import estimate
+    from vq4dit.quantize import eval_command, quantize
+
     if cfg.dry_run:  # what the command costs; nothing is written
         print(run(lambda: estimate(cfg)))
         return
     ckpt = run(lambda: quantize(cfg))
-    print(f"checkpoint: {ckpt}\nscore it:   python eval.py model={cfg.model.name} ckpt={ckpt}")
+    print(f"checkpoint: {ckpt}\nscore it:   {eval_command(cfg, ckpt)}")
 
 
 if __name__ == "__main__":
+    preflight(Path(__file__).parent / "configs", "train", results=TRAIN_RESULTS, expected_bytes=expected_bytes)
     main()

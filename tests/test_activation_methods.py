@@ -171,7 +171,7 @@ def test_activation_quantization_costs_accuracy_and_more_bits_cost_less(runs, co
     (["act=a8", "act.granularity=token_group", "act.group_size=48"],
      "act.group_size=48 does not divide the input width 64 of qkv"),
     (["act=a8", "act.granularity=token_group"], "act.granularity=token_group needs act.group_size"),
-    (["act=a8", "act.bits=1"], "act.bits=1; valid: 2..16"),
+    (["act=a8", "act.bits=1"], r"act.bits=1; valid: an integer in \[2, 16\]"),
     (["act=a8", "act.granularity=channel"], "act.granularity=channel; valid: tensor, token, token_group"),
     (["act=a8", "act.granularity=token", "act.dynamic=false"], "act.granularity=token with act.dynamic=false"),
     (["act=none", "act.attention=true"], "act.attention=true with act.bits=null"),

@@ -67,7 +67,7 @@ def test_eval_needs_a_checkpoint(compose_cfg):
 
 
 def test_tiny_model_instantiates_from_config(compose_cfg):
-    cfg = compose_cfg("eval", "model=dit_tiny", "ckpt=none")
+    cfg = compose_cfg("train", "model=dit_tiny")  # (eval.py's model takes its weights from ckpt)
     model = instantiate(cfg.model)
     assert isinstance(model, ConditionalDiT) and model.learns_sigma and model.guided_channels == 3
     assert len(model.blocks) == cfg.model.arch.num_layers
@@ -75,7 +75,8 @@ def test_tiny_model_instantiates_from_config(compose_cfg):
 
 def test_xl_needs_local_paths(compose_cfg):
     cfg = compose_cfg("eval", "model=dit_xl_2", "ckpt=x")
-    assert OmegaConf.is_missing(cfg.model, "weights") and OmegaConf.is_missing(cfg.model, "vae")
+    assert cfg.model.weights == "x" and OmegaConf.is_missing(cfg.model, "vae")  # eval.py's weights are its ckpt
+    assert OmegaConf.is_missing(compose_cfg("train", "model=dit_xl_2").model, "weights")
     assert cfg.model.arch.num_layers == 28 and cfg.model.arch.num_attention_heads * cfg.model.arch.attention_head_dim == 1152
 
 

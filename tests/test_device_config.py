@@ -45,7 +45,7 @@ def test_several_devices():
 @pytest.mark.parametrize("task", ["train", "eval"])
 def test_jobs_refuse_a_missing_device_before_any_work(compose_cfg, tmp_path, task):
     extra = ["model=dit_tiny", "pool.trajectories=2", "log_samples=0"] if task == "train" else ["model=dit_tiny",
-                                                                                             "ckpt=x"]
+                                                                                             f"ckpt={tmp_path}"]
     cfg = compose_cfg(task, *extra, f"device={MISSING}")
     with pytest.raises(UserError, match=f"device={MISSING} is not available on this machine"):
         (quantize if task == "train" else evaluate)(cfg)

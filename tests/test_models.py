@@ -251,7 +251,7 @@ def test_wrong_hidden_size(tmp_path, with_pos_embed):
     with pytest.raises(UserError) as err:
         load_dit("dit_tiny", TINY, weights=str(path))
     msg = assert_one_line_naming(err, path)
-    assert "shape" in msg and "resolution" not in msg, msg
+    assert "width 96" in msg and "width 64" in msg and "resolution" not in msg, msg
 
 
 def test_wrong_depth(tmp_path):

@@ -59,6 +59,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     np.savez(tmp / "VIRTUAL_imagenet32.npz", arr_0=rng.integers(0, 256, (20, PIXELS, PIXELS, 3), dtype=np.uint8),
              mu=pool.mean(0), sigma=np.cov(pool, rowvar=False),
              mu_s=spatial.mean(0), sigma_s=np.cov(spatial, rowvar=False))
+    (tmp / "unused-with-the-stand-in.pth").write_bytes(b"")  # paths must exist; the stand-in ignores it
     return {"/ckpt/DiT-XL-2-256x256.pt": str(tmp / "DiT-XL-2-256x256.pt"),
             "/ckpt/sd-vae-ft-ema": str(tmp / "sd-vae-ft-ema"),
             "/data/VIRTUAL_imagenet256_labeled.npz": str(tmp / "VIRTUAL_imagenet32.npz"),

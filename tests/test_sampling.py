@@ -17,11 +17,11 @@ def tiny(compose_cfg):
     """(compose(sampler, *overrides) -> Sampler, the dit_tiny model: learned sigma, 3 guided channels)."""
 
     def sampler(name: str = "ddim", *overrides: str) -> Sampler:
-        cfg = compose_cfg("eval", "model=dit_tiny", "ckpt=none", f"sampler={name}", "sampler.steps=3",
+        cfg = compose_cfg("eval", "model=dit_tiny", "ckpt=none", "model.weights=null", f"sampler={name}", "sampler.steps=3",
                           "sampler.batch_size=4", *overrides)
         return instantiate(cfg.sampler)
 
-    model = instantiate(compose_cfg("eval", "model=dit_tiny", "ckpt=none").model)
+    model = instantiate(compose_cfg("eval", "model=dit_tiny", "ckpt=none", "model.weights=null").model)
     return sampler, model
 
 
@@ -165,7 +165,7 @@ def test_precision_runs_the_model_in_that_dtype(tiny, precision, dtype):
 def test_unknown_precision_is_a_user_error(compose_cfg):
     from vq4dit.errors import UserError, instantiate
 
-    cfg = compose_cfg("eval", "ckpt=none", "sampler.precision=fp8")
+    cfg = compose_cfg("eval", "ckpt=none", "model.weights=null", "sampler.precision=fp8")
     with pytest.raises(UserError, match="sampler.precision=fp8; valid: fp32, bf16, fp16"):
         instantiate(cfg.sampler)
 
@@ -195,7 +195,7 @@ def adm_p_sample(eps, v, x, t: int, prev: int, alphas_cumprod: np.ndarray, noise
 
 @pytest.mark.parametrize("steps", [250, 100, 50])
 def test_learned_sigma_preset_is_adm_respaced_p_sample(compose_cfg, steps):
-    cfg = compose_cfg("eval", "model=dit_tiny", "ckpt=none", "sampler=ddpm_learned_sigma", f"sampler.steps={steps}")
+    cfg = compose_cfg("eval", "model=dit_tiny", "ckpt=none", "model.weights=null", "sampler=ddpm_learned_sigma", f"sampler.steps={steps}")
     sampler = instantiate(cfg.sampler)
     assert sampler.guidance_scale == 1.5 and sampler.steps == steps
     scheduler = sampler.scheduler

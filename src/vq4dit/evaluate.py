@@ -14,17 +14,19 @@ import torch
 from omegaconf import DictConfig
 
 from vq4dit.artifacts import fresh, grid_indices, image_grid, save_png, to_uint8, write_json
+from vq4dit.config_schema import validate
 from vq4dit.devices import resolve_device
 from vq4dit.errors import UserError, instantiate
 from vq4dit.imagenet.adm_npz import AdmSampleWriter, open_npz_array
 from vq4dit.metrics import SamplesPSNR
+from vq4dit.outputs import EVAL_RESULTS
 from vq4dit.models import ConditionalDiT
 from vq4dit.quant.checkpoint import is_quantized_checkpoint, load_quantized
 from vq4dit.sampling import balanced_labels
 from vq4dit.seeds import stream_seed
 
 log = logging.getLogger(__name__)
-OUTPUTS = ("metrics.json", "samples.png", "samples.npz")
+OUTPUTS = EVAL_RESULTS
 
 
 def load_model(model_cfg: DictConfig, ckpt: str, decode: str = "per_forward") -> ConditionalDiT:
@@ -57,6 +59,7 @@ def sample_and_score(cfg: DictConfig, model: ConditionalDiT, compare_to: torch.T
             writer = files.enter_context(AdmSampleWriter(samples, labels.numpy(), (height, width, channels)))
         seed = stream_seed(cfg.seed, "eval")  # never the noise calibration sampled
         for start, images in sampler.batches(model.to(cfg.device), labels, seed=seed):
+            check_finite_samples(images, start)  # a NaN would crash the Frechet distance's matrix square root
             scorer.update(images, labels[start:start + len(images)])
             pixels = to_uint8(images).cpu()
             if writer is not None:
@@ -72,7 +75,25 @@ def sample_and_score(cfg: DictConfig, model: ConditionalDiT, compare_to: torch.T
     return torch.cat(out), labels[kept], metrics
 
 
+def check_finite_samples(images: torch.Tensor, start: int) -> None:
+    bad = ~torch.isfinite(images.flatten(1)).all(dim=1)
+    if bool(bad.any()):
+        first = start + int(bad.nonzero()[0])
+        raise UserError(f"the model produced non-finite (NaN/Inf) samples ({int(bad.sum())} in samples {start}.."
+                        f"{start + len(images) - 1}, first: sample {first}); its weights or sampler settings give "
+                        "no finite images, so nothing is scored")
+
+
+def expected_bytes(cfg: DictConfig) -> int:
+    """What eval.py writes at most: the 8-bit samples (samples.npz) and their grid, from the configured model's
+    image size (a VAE's: 3 channels at 8x the latent side, as the SD VAE of every ImageNet DiT)."""
+    arch, side = cfg.model.arch, cfg.model.arch.sample_size
+    pixels = arch.in_channels * side**2 if cfg.model.get("vae") is None else 3 * (8 * side) ** 2
+    return 2 * cfg.num_samples * pixels
+
+
 def evaluate(cfg: DictConfig) -> dict:
+    validate(cfg)  # the one schema (also run by eval.py before Hydra starts)
     resolve_device(cfg.device)  # a device this machine lacks stops here, in one line
     out = Path(cfg.paths.output_dir)
     for name in OUTPUTS:  # refuse before minutes of sampling, not after

@@ -10,21 +10,26 @@ import copy
 import hashlib
 import json
 import logging
+import os
+import shlex
 import warnings
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vq4dit.artifacts import image_grid
-from vq4dit.calibration.block_cache import BlockCache
+from vq4dit.calibration.block_cache import BlockCache, tensors_digest
 from vq4dit.calibration.block_parallel import check_spreadable
 from vq4dit.calibration.pipeline import check_student_inputs, default_trainer, quantize_model
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs, check_pool_sizes
+from vq4dit.config_schema import validate
 from vq4dit.devices import resolve_device, resolve_devices
-from vq4dit.errors import UserError, instantiate
+from vq4dit.errors import instantiate
 from vq4dit.methods.base import FitSettings, Method
+from vq4dit.outputs import TRAIN_RESULTS, check_no_results
 from vq4dit.precision import check_precision
 from vq4dit.quant.block_layers import block_linears
 from vq4dit.quant.checkpoint import save_quantized
@@ -40,15 +45,32 @@ warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*
 def build_method(cfg: DictConfig) -> Method:
     """The configured method with its presets; a preset of another family is refused with one line."""
     make = instantiate(cfg.method, _partial_=True, _convert_="all")  # (an object passed to instantiate would
-    return make(quant=instantiate(cfg.quant), act=instantiate(cfg.act))  # be turned back into a config)
+    return make(quant=named_preset(cfg, "quant"), act=named_preset(cfg, "act"))  # be turned back into a config)
+
+
+def named_preset(cfg: DictConfig, group: str):
+    """The preset of `group`, named as configured while its values are the named preset's; changed values are
+    named by themselves (`quant=w3 quant.k=3` is `k3-d2`, not w3), so no manifest or cache folder names something
+    else."""
+    preset = instantiate(cfg[group])
+    named = Path(cfg.paths.root_dir) / "configs" / group / f"{cfg[group].name}.yaml"
+    values = OmegaConf.load(named) if named.is_file() else None
+    if values is not None and all(cfg[group].get(k) == v for k, v in values.items() if k != "defaults"):
+        return preset
+    return replace(preset, name=preset.values_name())
 
 
 def quantize(cfg: DictConfig) -> Path:
+    validate(cfg)  # the one schema (also run by train.py before Hydra starts; here for the Python/Hydra API)
+    with torch_threads(cfg.threads):
+        return _quantize(cfg)
+
+
+def _quantize(cfg: DictConfig) -> Path:
     method = build_method(cfg)
     fit = FitSettings(**cfg.fit)
     out = Path(cfg.paths.output_dir)
-    if (out / "checkpoint").exists():
-        raise UserError(f"{out / 'checkpoint'} already exists; earlier results are never overwritten")
+    check_no_results(out, TRAIN_RESULTS)
     device, devices = resolve_device(cfg.device), configured_devices(cfg)
     check_precision(cfg.precision)
     pool_cfg = cfg.pool
@@ -56,7 +78,8 @@ def quantize(cfg: DictConfig) -> Path:
     check_student_inputs(pool_cfg.student_inputs)
     model = instantiate(cfg.model).to(device)
     method.check(block_linears(model.blocks[0]))
-    cache = BlockCache(block_cache_folder(cfg, method, out))
+    folder = block_cache_folder(cfg, method, out, weights_digest(model))
+    cache = BlockCache(folder, key=folder.name)
     logger = instantiate(cfg.logger)
     sampler = instantiate(cfg.sampler)
     pool = ZeroDataBlockInputs(model, sampler, pool_cfg.trajectories, pool_cfg.size, cfg.seed,
@@ -70,7 +93,8 @@ def quantize(cfg: DictConfig) -> Path:
                 "fit": asdict(fit) if method.fits else None,
                 "pool": {**OmegaConf.to_container(pool_cfg), "trajectories": pool.trajectories},
                 "sampler": OmegaConf.to_container(cfg.sampler, resolve=True), "seed": cfg.seed,
-                "precision": cfg.precision, "calibration_seconds": round(result.seconds, 1),
+                "precision": cfg.precision, "threads": cfg.threads, "debug": debug_preset(cfg),
+                "calibration_seconds": round(result.seconds, 1),
                 "blocks": result.blocks}
     ckpt = save_quantized(model, out / "checkpoint", manifest)
     if fp_model is not None:
@@ -87,20 +111,79 @@ def configured_devices(cfg: DictConfig) -> int | list[int]:
     return devices
 
 
-def block_cache_folder(cfg: DictConfig, method: Method, out: Path) -> Path:
-    """Where finished blocks are kept: keyed by everything that determines them, so the same command resumes."""
+def block_cache_folder(cfg: DictConfig, method: Method, out: Path, weights: str) -> Path:
+    """Where finished blocks are kept: keyed by the content of everything that determines them (the weights'
+    digest, not their path; the method, preset, fit, pool, sampler, seed, precision and CPU threads), so the same
+    command resumes and anything else starts afresh."""
     if not cfg.resume:
         return out / "blocks"
     keyed = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "pool", "sampler")}
+    keyed["model"]["weights"] = weights  # overwritten weights at the same path are other weights
+    keyed["sampler"].pop("batch_size", None)  # how many trajectories are sampled at once changes no row
     keyed.update(method=method.record(), fit=OmegaConf.to_container(cfg.fit) if method.fits else None, seed=cfg.seed,
-                 precision=cfg.precision)
+                 precision=cfg.precision, threads=cfg.threads, deterministic=cfg.trainer.get("deterministic"),
+                 cache_format=BlockCache.FORMAT)
     keyed["pool"]["rows"] = "balanced labels, even per trajectory"  # blocks cached from the earlier pool differ
     digest = hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    act = f"-{cfg.act.name}" if method.activation.enabled else ""
-    folder = Path(cfg.paths.log_dir) / "train" / "cache" / f"{cfg.model.name}-{cfg.quant.name}{act}-{method.name}-{digest}"
+    act = f"-{method.act.name}" if method.activation.enabled else ""
+    folder = Path(cfg.paths.log_dir) / "train" / "cache" / f"{cfg.model.name}-{method.quant.name}{act}-{method.name}-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(keyed, indent=2, default=str) + "\n")
+    tmp = folder / "config.json.tmp"
+    tmp.write_text(json.dumps(keyed, indent=2, default=str) + "\n")
+    os.replace(tmp, folder / "config.json")
     return folder
+
+
+def weights_digest(model) -> str:
+    """sha256 of the transformer's tensors (names, dtypes, shapes and bytes)."""
+    return tensors_digest(model.transformer.state_dict())
+
+
+def debug_preset(cfg: DictConfig) -> str | None:
+    """The debug preset this run used (recorded in the manifest: its results are not for comparison)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get("debug")
+    except ValueError:  # composed without Hydra's runtime (tests, the Python API)
+        return None
+
+
+@contextmanager
+def torch_threads(threads: int | None):
+    """torch's CPU threads for the job (`threads`; null: torch's default), restored afterwards."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def expected_bytes(cfg: DictConfig) -> int:
+    """An upper bound on what a run writes: the checkpoint and the cached blocks take at most the model's fp32
+    bytes each (counted on an empty, meta-device copy of the architecture)."""
+    if cfg.dry_run:
+        return 0
+    from vq4dit.models.dit import build_transformer
+
+    transformer = build_transformer(dict(cfg.model.arch), empty=True)
+    return 2 * 4 * sum(p.numel() for p in transformer.parameters())
+
+
+def eval_command(cfg: DictConfig, ckpt: Path) -> str:
+    """The eval.py command that scores `ckpt`: this run's model and its overrides (model.arch... included)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        given = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        given = []
+    keys = [o.lstrip("+~").split("=")[0] for o in given]
+    model = [o for o, key in zip(given, keys) if key.startswith("model.") and key != "model.weights"]
+    return " ".join(["python eval.py", f"model={cfg.model.name}", *map(shlex.quote, model),
+                     shlex.quote(f"ckpt={ckpt}")])
 
 
 def _log_sample_grids(logger, fp_model, model, sampler, cfg) -> None:

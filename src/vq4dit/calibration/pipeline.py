@@ -104,7 +104,7 @@ def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method
         rows = lambda part: tuple(r.to(home) for r in (inputs[part], pool.timesteps[part], pool.labels[part],  # noqa: E731
                                                         targets[part]))
         data = BlockData(block, i, rows(pool.train_rows), rows(pool.heldout_rows), device, seed, precision=precision)
-        cached = cache.load(i) if cache is not None else None
+        cached = cache.load(i, block_linears(block)) if cache is not None else None
         if cached is not None:
             layers, stats = cached
             log.info("block %d: resumed from %s", i, cache.folder)

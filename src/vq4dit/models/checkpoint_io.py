@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from vq4dit.errors import UserError
 from vq4dit.models.original_format import from_original, is_original_state_dict
+from vq4dit.quant.stored_checks import check_finite
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_TORCH_WEIGHTS = "diffusion_pytorch_model.bin"
@@ -22,6 +23,11 @@ DIFFUSERS_TORCH_WEIGHTS = "diffusion_pytorch_model.bin"
 
 def load_transformer_weights(transformer: DiTTransformer2DModel, path: Path, name: str) -> None:
     state = read_state_dict(path)
+    found, expected = architecture_of(state), _architecture(transformer)
+    if found is not None and found != expected:  # another DiT size: say which, not a first missing key
+        text = lambda a: ", ".join(f"{k} {v}" for k, v in a.items())  # noqa: E731
+        raise UserError(f"checkpoint {path} holds a DiT of {text(found)}; model={name} has {text(expected)}: "
+                        "choose the model config of the checkpoint's size")
     if is_original_state_dict(state):
         _check_pos_embed(transformer, state, path)
         try:
@@ -29,6 +35,21 @@ def load_transformer_weights(transformer: DiTTransformer2DModel, path: Path, nam
         except KeyError as e:
             raise UserError(f"checkpoint {path} does not match model {name}: {e.args[0]}") from None
     _load_strict(transformer, state, path, name)
+
+
+def architecture_of(state: dict[str, torch.Tensor]) -> dict | None:
+    """(depth, width, patch) of a DiT state dict in the original or diffusers layout; None if it is neither."""
+    for blocks, patch_embed in (("blocks.", "x_embedder.proj.weight"), ("transformer_blocks.", "pos_embed.proj.weight")):
+        if patch_embed in state:
+            depth = len({k.split(".")[1] for k in state if k.startswith(blocks)})
+            weight = state[patch_embed]
+            return {"depth": depth, "width": weight.shape[0], "patch": weight.shape[-1]}
+    return None
+
+
+def _architecture(transformer: DiTTransformer2DModel) -> dict:
+    c = transformer.config
+    return {"depth": c.num_layers, "width": c.num_attention_heads * c.attention_head_dim, "patch": c.patch_size}
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -90,6 +111,10 @@ def _load_strict(transformer: DiTTransformer2DModel, state: dict, path: Path, na
         if tensor.shape != expected[key].shape:
             raise UserError(f"checkpoint {path} does not match model {name}: {key} has shape "
                             f"{tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}")
+        try:
+            check_finite(key, tensor)  # NaN/Inf weights would quantize and sample into NaN without a word
+        except ValueError as e:
+            raise UserError(f"checkpoint {path}: {e}; refusing non-finite weights") from None
     transformer.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
 

@@ -33,6 +33,7 @@ from vq4dit.quant.attention_quantizer import attention_quantizer_record, install
 from vq4dit.quant.block_layers import replace_layer
 from vq4dit.quant.decode import DECODE_MODES, decode_once
 from vq4dit.quant.quantized_linear import QuantizedLinear, from_stored, is_weight_encoding, stored_form
+from vq4dit.quant.stored_checks import check_finite
 
 FORMAT = "vq4dit-checkpoint"
 VERSION = 4  # 3: embedders equal to block 0's are stored once ("shared"); records name their tensors' dtypes
@@ -112,9 +113,16 @@ def load_quantized(folder: Path, model_cfg: DictConfig | None = None, *, decode:
     stored = manifest["model"]
     if model_cfg is None:
         model_cfg = OmegaConf.create(stored)
-    elif stored["name"] != model_cfg.name or stored["arch"] != OmegaConf.to_container(model_cfg.arch):
+    elif stored["name"] != model_cfg.name:
         raise UserError(f"checkpoint {folder} holds a quantized {stored['name']}, not model={model_cfg.name}; "
                         f"pass model={stored['name']}")
+    elif stored["arch"] != OmegaConf.to_container(model_cfg.arch):
+        ours = OmegaConf.to_container(model_cfg.arch)
+        differ = [k for k in sorted(set(stored["arch"]) | set(ours)) if stored["arch"].get(k) != ours.get(k)]
+        raise UserError(f"checkpoint {folder} holds a quantized {stored['name']} with "
+                        + ", ".join(f"arch.{k}={stored['arch'].get(k)}" for k in differ)
+                        + f", not model={model_cfg.name}'s " + ", ".join(f"{ours.get(k)}" for k in differ)
+                        + "; pass " + " ".join(f"model.arch.{k}={stored['arch'].get(k)}" for k in differ))
     model = instantiate(model_cfg, weights=None, empty=True)
     transformer = model.transformer
     share_embedders(transformer, manifest.get("shared", {}))
@@ -123,9 +131,10 @@ def load_quantized(folder: Path, model_cfg: DictConfig | None = None, *, decode:
             keys = set(f.keys())
             read = lambda key: f.get_tensor(key).to(device)  # noqa: E731
             for name, layer, used in read_layers(read, keys, manifest["layers"]):
+                _check_layer_shape(transformer, name, layer, folder)
                 replace_layer(transformer, name, _cast_bias(layer, dtype))
                 keys -= used
-            rest = {key: _cast(read(key), dtype) for key in keys}
+            rest = {key: _cast(_finite(key, read(key)), dtype) for key in keys}
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot read {folder / TENSORS}: {e}") from None
     install_attention_quantizers(model.blocks, manifest.get("attention_quantizers"))
@@ -185,7 +194,33 @@ def read_layers(read, keys: set[str], records: dict[str, dict]):
         absent = [n for n in names if prefix + n not in keys]
         if absent or not names:
             raise UserError(f"the quantized checkpoint has no {prefix}{absent[0] if absent else '*'} tensor")
-        yield name, from_stored({n: read(prefix + n) for n in names}, record), {prefix + n for n in names}
+        try:
+            layer = from_stored({n: _finite(prefix + n, read(prefix + n)) for n in names}, record)
+        except (ValueError, KeyError, TypeError) as e:  # the manifest and the tensors disagree
+            reason = f"its record lacks {e}" if isinstance(e, KeyError) else str(e)
+            raise UserError(f"the quantized checkpoint's layer {name} ({record.get('type')!r}) is inconsistent: "
+                            f"{reason}") from None
+        yield name, layer, {prefix + n for n in names}
+
+
+def _finite(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    try:
+        check_finite(key, tensor)
+    except ValueError as e:
+        raise UserError(f"the quantized checkpoint's {e}; it cannot give finite outputs") from None
+    return tensor
+
+
+def _check_layer_shape(transformer: torch.nn.Module, name: str, layer: QuantizedLinear, folder: Path) -> None:
+    """A recorded layer must stand where the architecture has a linear of its shape."""
+    try:
+        there = transformer.get_submodule(name)
+    except AttributeError:
+        raise UserError(f"checkpoint {folder} records a layer {name} that this architecture lacks") from None
+    shape = (getattr(there, "out_features", None), getattr(there, "in_features", None))
+    if shape != (layer.out_features, layer.in_features):
+        raise UserError(f"checkpoint {folder}: layer {name} is recorded as {layer.out_features}x{layer.in_features}, "
+                        f"the architecture has {shape[0]}x{shape[1]} there")
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -27,11 +27,14 @@ class VQPreset:
 
     @property
     def bits(self) -> float:
-        """Bits per weight of the codes alone (the codebook comes on top)."""
-        return math.log2(self.k) / self.d
+        """Bits per weight of the codes alone as stored (ceil(log2 k) bits a code; the codebook comes on top)."""
+        return math.ceil(math.log2(self.k)) / self.d
 
     def describe(self) -> str:
         return f"k={self.k}, d={self.d}"
+
+    def values_name(self) -> str:
+        return f"k{self.k}-d{self.d}"
 
     def check(self, linears: dict) -> None:
         for name, layer in linears.items():
@@ -61,6 +64,9 @@ class UniformPreset:
     def describe(self) -> str:
         groups = "per channel" if self.group_size is None else f"group {self.group_size}"
         return f"{self.bits} bits, {groups}, {'symmetric' if self.symmetric else 'asymmetric'}"
+
+    def values_name(self) -> str:
+        return f"w{self.bits}{'pc' if self.group_size is None else f'g{self.group_size}'}{'-sym' if self.symmetric else ''}"
 
     def check(self, linears: dict) -> None:
         if self.group_size is None:
@@ -106,6 +112,14 @@ class ActPreset:
     @property
     def enabled(self) -> bool:
         return self.bits is not None
+
+    def values_name(self) -> str:
+        if not self.enabled:
+            return "a-none"
+        parts = [f"a{self.bits}", self.granularity, None if self.group_size is None else f"g{self.group_size}",
+                 {None: None, True: "dynamic", False: "static"}[self.dynamic], "sym" if self.symmetric else None,
+                 "attn" if self.attention else None]
+        return "-".join(p for p in parts if p)
 
     def resolved(self, defaults: dict) -> "ActPreset":
         """This preset with the settings it leaves open taken from `defaults` (a method's)."""

@@ -16,6 +16,7 @@ from torch import nn
 
 from vq4dit.quant.packing import pack_codes, unpack_codes
 from vq4dit.quant.quantized_linear import QuantizedLinear, linear_bias
+from vq4dit.quant.stored_checks import check_all_finite, check_bias, check_packed, check_shape
 
 SCALE_DTYPE = torch.float16
 
@@ -127,6 +128,17 @@ class UniformLinear(QuantizedLinear):
     @classmethod
     def from_stored(cls, tensors: dict[str, torch.Tensor], record: dict) -> "UniformLinear":
         (out_features, in_features), bits, groups = record["shape"], record["bits"], record["groups"]
+        group_size = record["group_size"]
+        if not 2 <= bits <= 8 or groups != (1 if group_size is None else in_features // group_size) \
+                or (group_size is not None and in_features % group_size):
+            raise ValueError(f"record bits={bits}, group_size={group_size}, groups={groups} does not describe a "
+                             f"{out_features}x{in_features} layer")
+        check_packed("codes_packed", tensors["codes_packed"], out_features * in_features, bits)
+        check_shape("scale", tensors["scale"], (out_features, groups))
+        if not record["symmetric"]:
+            check_packed("zero_packed", tensors["zero_packed"], out_features * groups, bits)
+        check_bias(tensors, out_features)
+        check_all_finite(tensors)
         codes = unpack_codes(tensors["codes_packed"], bits, out_features * in_features).reshape(out_features, in_features)
         scale = tensors["scale"].float()
         if record["symmetric"]:

@@ -20,6 +20,8 @@ from vq4dit.quant.decode import gather_rows
 from vq4dit.quant.kmeans import kmeans, nearest
 from vq4dit.quant.packing import code_bits, pack_codes, smallest_code_dtype, unpack_codes
 from vq4dit.quant.quantized_linear import QuantizedLinear, linear_bias
+from vq4dit.quant.stored_checks import (check_all_finite, check_bias, check_codes_below, check_packed,
+                                        check_shape)
 
 CODEBOOK_DTYPE = torch.float16  # how codebooks are stored
 
@@ -85,8 +87,17 @@ class VQLinear(QuantizedLinear):
 
     @classmethod
     def from_stored(cls, tensors: dict[str, torch.Tensor], record: dict) -> "VQLinear":
-        out_features, in_features = record["shape"]
+        (out_features, in_features), k, d = record["shape"], record["k"], record["d"]
+        if d < 1 or in_features % d or record["num_codes"] != out_features * in_features // d \
+                or record["code_bits"] != code_bits(k):
+            raise ValueError(f"record k={k}, d={d}, code_bits={record['code_bits']}, num_codes={record['num_codes']}"
+                             f" does not describe a {out_features}x{in_features} layer")
+        check_packed("codes_packed", tensors["codes_packed"], record["num_codes"], record["code_bits"])
+        check_shape("codebook", tensors["codebook"], (k, d))
+        check_bias(tensors, out_features)
+        check_all_finite(tensors)
         codes = unpack_codes(tensors["codes_packed"], record["code_bits"], record["num_codes"])
+        check_codes_below("codes_packed", codes, k)  # k = 3 packs 2 bits: code 3 would index past the codebook
         return cls(codes, tensors["codebook"].float(), tensors.get("bias"), out_features, in_features)
 
     def extra_repr(self) -> str:
