@@ -84,7 +84,8 @@ def main() -> None:
     figure = [(name, load_file(runs[0]["samples"])["images"].float()) for name, runs in results.items()]
     labelled_rows(figure, load_file(fp["samples"])["labels"]).save(out / "samples.png")
     command = "python benchmarks/compare.py" + ("" if args.rows == ",".join(ROWS) else f" --rows {args.rows}") + (
-        "" if args.seeds == "0,1,2" else f" --seeds {args.seeds}") + (" --from-cache" if args.from_cache else "")
+        "" if args.seeds == "0,1,2" else f" --seeds {args.seeds}") + (
+        "" if args.num_samples == 500 else f" --num-samples {args.num_samples}") + (" --from-cache" if args.from_cache else "")
     setup = {"command": command, "not_run": not_run,
              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "num_samples": args.num_samples,
              "calibration_seeds": seeds, "eval_seed": eval_cfg.seed, "threads": torch.get_num_threads(),
