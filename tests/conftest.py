@@ -20,3 +20,13 @@ def compose_cfg(tmp_path):
                                              f"paths.log_dir={tmp_path / 'logs'}", *overrides])
 
     return _compose
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """torch on one thread, and processes launched by the test start with one (2 cores, several processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)

@@ -17,14 +17,6 @@ FAST = ["model=dit_tiny", "model.arch.num_layers=3", "method=classic_vq", "quant
         "pool.heldout_size=32", "sampler.steps=6", "log_samples=0", "trainer.enable_progress_bar=false"]
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the launched processes start with it
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_two_processes_write_the_one_process_checkpoint(compose_cfg, tmp_path, one_thread):
     one = quantize(compose_cfg("train", *FAST, f"paths.output_dir={tmp_path / 'one'}"))

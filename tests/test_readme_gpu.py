@@ -76,14 +76,6 @@ def small(args: list[str], files: dict[str, str], ckpt: Path | None = None) -> l
     return [f"{k}={v}" for k, v in overrides.items()]
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the launched processes start with it
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_every_gpu_command_runs_at_small_size(compose_cfg, files, tmp_path, one_thread):
     commands = readme_commands()
