@@ -37,19 +37,35 @@ ROWS = ["rtn-w4pc", "rtn-w4g64", "gptq-w4pc", "gptq-w4g64", "kmeans-w4", "classi
         # weights and activations (act presets: README, "Activation quantization")
         "rtn-w8a8", "ptq4dit-w8a8", "qdit-w6a8", "rtn-w4a8", "gptq-w4a8", "qdit-w4a8", "ptq4dit-w4a8",
         "vq4dit-w3-a8", "vq4dit-w2-a8"]
-CACHE = ROOT / "logs" / "benchmark" / "compare-rows"
+CACHE = (ROOT / "logs").resolve() / "benchmark" / "compare-rows"  # physical: a worktree may link its logs here
 COLLAPSE = "class accuracy below 0.5 or FID above 5x the fp model's"
 
 
+# Method settings added after rows were cached, at the value that gives the behaviour those rows ran with: a
+# cached row is reused only if its manifest records the settings the row resolves to today.
+ADDED_SETTINGS = {"kmeans_weighting": "none", "moment_damp": 0.01}
+
+
 def overrides_for(row: str) -> list[str]:
-    """`<method>-<quant preset>[-<act preset>]` -> train.py overrides."""
-    method, quant, *act = row.split("-")
-    return [f"method={method}", f"quant={quant}", *(f"act={a}" for a in act)]
+    """`<method>-<quant preset>[-<act preset>][+<setting>=<value> ...]` -> train.py overrides; a setting without a
+    dot is the method's (`vq4dit-w3+candidates=3`), one with a dot is any config key (`+pool.student_inputs=...`)."""
+    base, *settings = row.split("+")
+    method, quant, *act = base.split("-")
+    return [f"method={method}", f"quant={quant}", *(f"act={a}" for a in act),
+            *(s if "." in s.split("=")[0] else f"method.{s}" for s in settings)]
+
+
+def stale_settings(manifest: dict, method_record: dict) -> dict:
+    """Settings whose recorded value differs from what the row resolves to today ({} when the cache is valid)."""
+    recorded = manifest["method"]
+    return {key: (recorded.get(key, ADDED_SETTINGS.get(key)), value) for key, value in method_record.items()
+            if key not in ("quant", "act") and recorded.get(key, ADDED_SETTINGS.get(key)) != value}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated <method>-<preset>[-<act>]")
+    p.add_argument("--rows", default=",".join(ROWS),
+                   help="comma-separated <method>-<preset>[-<act>][+<setting>=<value>...]")
     p.add_argument("--seeds", default="0,1,2", help="calibration seeds (methods whose result depends on one)")
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--bootstrap", type=int, default=200, help="resamples for FID's eval-noise sd")
@@ -119,14 +135,21 @@ def run_fp(eval_cfg, scorer, reps: int) -> dict:
 
 
 def run_row(row: str, seed: int, eval_cfg, scorer, fp: dict, reps: int, cached_only: bool = False) -> dict | None:
-    folder = CACHE / f"{row}-s{seed}-{_digest(overrides_for(row), seed, eval_cfg)}"
+    folder = CACHE / f"{row.replace('+', '_').replace('=', '-')}-s{seed}-{_digest(overrides_for(row), seed, eval_cfg)}"
+    cfg = config("train", *overrides_for(row), f"seed={seed}", f"paths.output_dir={folder / 'train'}",
+                 f"paths.log_dir={folder / 'logs'}", "resume=false", "log_samples=0", "trainer.enable_progress_bar=false")
     if (folder / "row.json").exists():
-        return json.loads((folder / "row.json").read_text())
+        cached = json.loads((folder / "row.json").read_text())
+        stale = stale_settings(read_manifest(Path(cached["checkpoint"])), build_method(cfg).record())
+        if not stale:
+            return cached
+        print(f"{row} seed {seed}: cached with other settings (recorded, now): {stale}", flush=True)
+        if cached_only:
+            return None
+        os.replace(folder, folder.with_name(f"{folder.name}-superseded-{int(time.time())}"))  # kept, not overwritten
     if cached_only:
         return None
     shutil.rmtree(folder, ignore_errors=True)  # a row interrupted before its row.json: start it again
-    cfg = config("train", *overrides_for(row), f"seed={seed}", f"paths.output_dir={folder / 'train'}",
-                 f"paths.log_dir={folder / 'logs'}", "resume=false", "log_samples=0", "trainer.enable_progress_bar=false")
     start = time.time()
     ckpt = quantize(cfg)
     wall = time.time() - start

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from vq4dit.quant.kmeans import inertia
-from vq4dit.quant.vq_linear import SoftVQLinear, VQLinear, subvectors
+from vq4dit.quant.vq_linear import SoftVQLinear, VQLinear, mix_codewords, subvectors
 
 
 def _linear(out_features=32, in_features=64, seed=0):
@@ -33,31 +33,31 @@ def test_vq_linear_codes_are_the_nearest_codewords():
 def test_soft_layer_mixes_candidates_by_softmax_ratios():
     linear = _linear()
     soft = SoftVQLinear.from_linear(linear, k=16, d=2, n=3, ratio_init="uniform", iters=20)
-    assert soft.candidates.shape == (32 * 64 // 2, 3)
+    assert soft.candidates.shape == (3, 32 * 64 // 2)
     r = soft.ratios()
     torch.testing.assert_close(r, torch.full_like(r, 1 / 3))
-    expected = soft.codebook[soft.candidates].mean(dim=1).reshape(32, 64)
+    expected = soft.codebook[soft.candidates].mean(dim=0).reshape(32, 64)
     torch.testing.assert_close(soft.weight(), expected)
     # the first candidate is the nearest codeword: hardening a fresh layer gives plain k-means VQ
     plain = VQLinear.from_linear(linear, k=16, d=2, iters=20)
-    soft.logits.data[:, 0] = 10.0
+    soft.logits.data[0] = 10.0
     torch.testing.assert_close(soft.hard_weight(), plain.dequantize())
 
 
 def test_inverse_distance_init_prefers_the_nearest_candidate():
     soft = SoftVQLinear.from_linear(_linear(), k=16, d=2, n=2, ratio_init="inverse_distance", iters=20)
     r = soft.ratios()
-    assert (r[:, 0] >= r[:, 1]).all() and (r[:, 0] > 0.5).any()
+    assert (r[0] >= r[1]).all() and (r[0] > 0.5).any()
 
 
 def test_freezing_makes_ratios_one_hot_and_stops_their_gradient():
     soft = SoftVQLinear.from_linear(_linear(), k=16, d=2, n=2, iters=20)
-    soft.logits.data[:10, 1] = 8.0  # confident in candidate 1
+    soft.logits.data[1, :10] = 8.0  # confident in candidate 1
     soft.freeze_confident(0.99)
     assert soft.frozen[:10].all() and not soft.frozen[10:].any()
     soft(torch.randn(4, 64)).sum().backward()
-    assert soft.logits.grad[:10].abs().sum() == 0 and soft.logits.grad[10:].abs().sum() > 0
-    torch.testing.assert_close(soft.ratios()[:10], torch.tensor([[0.0, 1.0]]).expand(10, 2))
+    assert soft.logits.grad[:, :10].abs().sum() == 0 and soft.logits.grad[:, 10:].abs().sum() > 0
+    torch.testing.assert_close(soft.ratios()[:, :10], torch.tensor([[0.0], [1.0]]).expand(2, 10))
     soft.freeze_all()
     torch.testing.assert_close(soft.weight(), soft.hard_weight())
 
@@ -78,3 +78,34 @@ def test_to_hard_keeps_argmax_codes_and_rounds_the_codebook():
     assert torch.equal(hard.codes.long(), soft.hard_codes())
     torch.testing.assert_close(hard.dequantize(), soft.hard_weight(), atol=1e-3, rtol=1e-3)
     assert torch.equal(hard.codebook, hard.codebook.half().float())
+
+
+def test_mixing_matches_autograds_own_gather_and_einsum_in_value_and_gradient():
+    torch.manual_seed(0)
+    codebook = torch.randn(16, 4, dtype=torch.float64, requires_grad=True)
+    candidates = torch.randint(0, 16, (3, 300))
+    logits = torch.randn(3, 300, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(300, 4, dtype=torch.float64)
+    reference = torch.einsum("ns,nsd->sd", logits.softmax(0), codebook[candidates])
+    ours = mix_codewords(logits.softmax(0), codebook, candidates)
+    torch.testing.assert_close(ours, reference)
+    expected = torch.autograd.grad((reference - target).square().sum(), (logits, codebook))
+    got = torch.autograd.grad((ours - target).square().sum(), (logits, codebook))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+    assert torch.autograd.gradcheck(lambda r, c: mix_codewords(r, c, candidates[:, :20]),
+                                    (logits[:, :20].softmax(0).detach().requires_grad_(), codebook))
+
+
+def test_hardened_layer_trains_only_its_codebook_and_bias():
+    soft = SoftVQLinear.from_linear(_linear(), k=16, d=2, n=2, iters=20)
+    soft.logits.data.normal_()
+    codes = soft.hard_codes()
+    soft.freeze_all()
+    x = torch.randn(4, 64)
+    expected = x @ soft.hard_weight().T + soft.bias
+    torch.testing.assert_close(soft(x), expected)
+    (soft(x).sum() + soft.regularizer("paper")).backward()
+    assert soft.logits.grad is None  # the optimizer skips the logits after hardening
+    assert soft.codebook.grad is not None and soft.codebook.grad.abs().sum() > 0
+    assert torch.equal(soft.to_hard().codes.long(), codes)

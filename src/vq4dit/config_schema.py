@@ -144,6 +144,7 @@ RULES: dict[str, Rule] = {
     "method.freeze_threshold": FRACTION,
     "method.freeze_every": POSITIVE, "method.harden_at": FRACTION,
     "method.lr_ratios": RATE, "method.kmeans_iters": POSITIVE, "method.kmeans_points_per_codeword": POSITIVE,
+    "method.kmeans_weighting": Choice("none", "input_moment"), "method.moment_damp": Num(0),
     "method.damp": Num(0), "method.block_size": POSITIVE, "method.act_order": BOOL,
     "method.balance": BOOL, "method.lr_rounding": RATE, "method.lr_act_scale": RATE, "method.beta_start": RATE,
     "method.beta_end": RATE, "method.warmup": Num(0, 1, high_open=True),
@@ -159,6 +160,8 @@ RULES: dict[str, Rule] = {
     # fitting
     "fit.iterations": POSITIVE, "fit.batch_size": POSITIVE, "fit.lr": RATE, "fit.rmsprop_alpha": Num(0, 1, low_open=True, high_open=True),
     "fit.log_every": POSITIVE,
+    "model_fit.iterations": Int(0), "model_fit.batch_size": POSITIVE, "model_fit.lr": RATE,
+    "model_fit.rmsprop_alpha": Num(0, 1, low_open=True, high_open=True), "model_fit.log_every": POSITIVE,
     # the calibration pool
     "pool.trajectories": Int(1, null=True), "pool.size": POSITIVE, "pool.heldout_trajectories": POSITIVE,
     "pool.heldout_size": POSITIVE, "pool.student_inputs": Choice("fp", "quantized"),

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from vq4dit.artifacts import image_grid
 from vq4dit.calibration.block_cache import BlockCache, tensors_digest
 from vq4dit.calibration.block_parallel import check_spreadable
+from vq4dit.calibration.model_fit import ModelFitSettings
 from vq4dit.calibration.pipeline import check_student_inputs, default_trainer, quantize_model
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs, check_pool_sizes
 from vq4dit.config_schema import validate
@@ -68,7 +69,7 @@ def quantize(cfg: DictConfig) -> Path:
 
 def _quantize(cfg: DictConfig) -> Path:
     method = build_method(cfg)
-    fit = FitSettings(**cfg.fit)
+    fit, model_fit = FitSettings(**cfg.fit), ModelFitSettings(**cfg.model_fit)
     out = Path(cfg.paths.output_dir)
     check_no_results(out, TRAIN_RESULTS)
     device, devices = resolve_device(cfg.device), configured_devices(cfg)
@@ -88,14 +89,16 @@ def _quantize(cfg: DictConfig) -> Path:
     trainer = default_trainer(device, logger, instantiate(cfg.trainer), precision=cfg.precision)
     result = quantize_model(model, method, pool, device=device, devices=devices, precision=cfg.precision,
                             seed=cfg.seed, fit=fit, student_inputs=pool_cfg.student_inputs, cache=cache,
-                            trainer=trainer, logger=logger, output_dir=out, scorer=lambda: instantiate(cfg.metric))
+                            trainer=trainer, logger=logger, output_dir=out, scorer=lambda: instantiate(cfg.metric),
+                            model_fit=model_fit)
     manifest = {"model": OmegaConf.to_container(cfg.model, resolve=True), "method": method.record(),
                 "fit": asdict(fit) if method.fits else None,
                 "pool": {**OmegaConf.to_container(pool_cfg), "trajectories": pool.trajectories},
                 "sampler": OmegaConf.to_container(cfg.sampler, resolve=True), "seed": cfg.seed,
                 "precision": cfg.precision, "threads": cfg.threads, "debug": debug_preset(cfg),
                 "calibration_seconds": round(result.seconds, 1),
-                "blocks": result.blocks}
+                "blocks": result.blocks,
+                **({"model_fit": {**asdict(model_fit), **result.model_fit}} if result.model_fit else {})}
     ckpt = save_quantized(model, out / "checkpoint", manifest)
     if fp_model is not None:
         _log_sample_grids(logger, fp_model, model, sampler, cfg)

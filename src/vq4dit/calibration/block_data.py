@@ -33,6 +33,7 @@ class BlockData:
     # layer name -> its input quantizer, once the method has them: observed inputs are then what the quantized
     # layer will see (GPTQ's Hessians of quantized activations, as Q-DiT computes them)
     input_quantizers: dict = field(default_factory=dict)
+    memo: dict = field(default_factory=dict)  # what a method computed once from the rows (input moments ...)
 
     def layer_seed(self, j: int) -> int:
         return self.seed + 1000 * self.index + j

@@ -34,6 +34,7 @@ from vq4dit.calibration.block_calibration import BlockCalibration
 from vq4dit.calibration.block_cache import BlockCache
 from vq4dit.calibration.block_data import BlockData, with_layers
 from vq4dit.calibration.block_parallel import quantize_blocks_in_parallel
+from vq4dit.calibration.model_fit import ModelFitSettings, fit_model, model_outputs
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs
 from vq4dit.devices import fits_on, lightning_accelerator, resolve_devices
 from vq4dit.errors import UserError
@@ -55,6 +56,7 @@ STUDENT_INPUTS = ("fp", "quantized")
 class QuantizationResult:
     model: ConditionalDiT
     blocks: list[dict] = field(default_factory=list)  # per block: start / shipped held-out MSE, which was kept
+    model_fit: dict | None = None  # the model-level fit's held-out output MSE before and after, which was kept
     seconds: float = 0.0
 
 
@@ -63,14 +65,16 @@ def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method
                    seed: int = 0, fit: FitSettings | None = None, student_inputs: str = "fp",
                    cache: BlockCache | None = None, trainer: TrainerFactory | None = None, logger=None,
                    progress: bool = True, output_dir: Path | None = None, scorer: Callable | None = None,
-                   blocks: Collection[int] | None = None) -> QuantizationResult:
+                   blocks: Collection[int] | None = None, model_fit: ModelFitSettings | None = None
+                   ) -> QuantizationResult:
     """Quantize every block of `model` in place with `method`, calibrating on `pool`; returns the model and
     per-block statistics. `device` defaults to the model's; `devices` (N, or CUDA indices) spreads the blocks over
     several devices; `precision` is the autocast of block forwards; `trainer` builds the Lightning Trainer of a
     block's fit (default: `default_trainer(device, logger, precision=precision)`), `logger` receives the curves.
     A model-level step of the method keeps its resume state in the cache's folder and its results in
     `output_dir`; `scorer` builds the sample scorer it may use. `blocks`: quantize only these (the others only
-    advance the pool), as a process of a parallel run does (its method arrives after the model-level step)."""
+    advance the pool), as a process of a parallel run does (its method arrives after the model-level step).
+    `model_fit` with iterations: after the blocks, the whole model is fitted to the fp model's outputs (model_fit.py)."""
     check_student_inputs(student_inputs)
     check_precision(precision)
     model = ConditionalDiT.of(model)
@@ -88,6 +92,9 @@ def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method
         cache = quantize_blocks_in_parallel(model, method, pool, spread, precision=precision, seed=seed, fit=fit,
                                             student_inputs=student_inputs, cache=cache, trainer=make_trainer,
                                             progress=progress)
+    fits_model = model_fit is not None and model_fit.iterations > 0 and blocks is None
+    if fits_model:  # the fp model's outputs on every pool row, before any block is quantized
+        fp_outputs = model_outputs(model, (pool.inputs, pool.timesteps, pool.labels), device, precision)
     student_hidden = pool.hidden.clone() if student_inputs == "quantized" else None
     result = QuantizationResult(model)
     for i in tqdm(range(len(model.blocks)), desc="blocks", disable=not progress):
@@ -123,6 +130,12 @@ def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method
             with autocast(device, precision):
                 student_hidden = pool.block_outputs(block, device, student_hidden)
         pool.hidden = targets
+    if fits_model:
+        part = lambda rows: (pool.inputs[rows], pool.timesteps[rows], pool.labels[rows], fp_outputs[rows])  # noqa: E731
+        result.model_fit = fit_model(model, part(pool.train_rows), part(pool.heldout_rows), model_fit, make_trainer,
+                                     device, precision, seed)
+        log.info("model fit: held-out output MSE %.3g -> %.3g, kept %s", result.model_fit["start_mse"],
+                 result.model_fit["fitted_mse"], result.model_fit["kept"])
     result.seconds = time.time() - start
     return result
 

@@ -42,6 +42,7 @@ class ZeroDataBlockInputs:
         train = _visit(model, sampler, trajectories, size, seed, "calibration", progress)
         heldout = _visit(model, sampler, heldout_trajectories, heldout_size, seed, "calibration-heldout", progress)
         x, self.timesteps, self.labels = (torch.cat(parts) for parts in zip(train, heldout))
+        self.inputs = x  # the model inputs x_t themselves (a model-level fit runs the whole model on them)
         self.num_train = len(train[0])
         device = next(model.transformer.parameters()).device
         with torch.no_grad():

@@ -55,7 +55,9 @@ class VQ4DiT(KMeansVQ):
                             "freeze_every >= 1")
 
     def prepare(self, linears: dict[str, nn.Linear], start: dict[str, VQLinear], data) -> dict[str, SoftVQLinear]:
-        return {name: SoftVQLinear.from_codebook(linears[name], start[name].codebook, self.candidates, self.ratio_init)
+        moments = self.input_weights(linears, data)
+        return {name: SoftVQLinear.from_codebook(linears[name], start[name].codebook, self.candidates, self.ratio_init,
+                                                 moments.get(name))
                 for name in linears}
 
     def finalize(self, layer: SoftVQLinear) -> VQLinear:

@@ -24,6 +24,7 @@ from vq4dit.quant.stored_checks import (check_all_finite, check_bias, check_code
                                         check_shape)
 
 CODEBOOK_DTYPE = torch.float16  # how codebooks are stored
+SATURATED = 1e4                 # a frozen sub-vector's logits: 0 on its codeword, -SATURATED on the others
 
 
 def subvectors(weight: torch.Tensor, d: int) -> torch.Tensor:
@@ -31,6 +32,56 @@ def subvectors(weight: torch.Tensor, d: int) -> torch.Tensor:
     if in_features % d:
         raise ValueError(f"d={d} does not divide the input width {in_features}")
     return weight.detach().float().reshape(-1, d)
+
+
+def point_weights(input_weights: torch.Tensor | None, linear: nn.Linear, d: int) -> torch.Tensor | None:
+    """Per-channel weights (in_features,) as k-means point weights: the (out x in / d, d) layout of `subvectors`."""
+    if input_weights is None:
+        return None
+    return input_weights.float().to(linear.weight.device).expand(linear.out_features, -1).reshape(-1, d)
+
+
+class _MixCodewords(torch.autograd.Function):
+    """(S, d) = sum over j of ratios[j, :, None] * codebook[candidates[j]].
+
+    The same value as `einsum(ratios, codebook[candidates])`, with a backward that adds the rows' gradients into
+    the small codebook with one scatter-add: autograd's generic embedding backward is about 15x slower on a CPU
+    for an index into k <= 4096 rows, and it dominated a calibration step. Gathered rows are recomputed in
+    backward, not saved (n x S x d floats per layer)."""
+
+    @staticmethod
+    def forward(ctx, ratios: torch.Tensor, codebook: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(ratios, codebook, candidates)
+        mixed = ratios[0, :, None] * codebook.index_select(0, candidates[0])
+        for j in range(1, len(candidates)):
+            mixed.addcmul_(ratios[j, :, None], codebook.index_select(0, candidates[j]))
+        return mixed
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ratios, codebook, candidates = ctx.saved_tensors
+        grad_ratios = grad_codebook = None
+        if ctx.needs_input_grad[0]:
+            grad_ratios = torch.stack([(grad * codebook.index_select(0, candidates[j])).sum(1)
+                                       for j in range(len(candidates))])
+        if ctx.needs_input_grad[1]:
+            rows = (ratios[:, :, None] * grad[None]).reshape(-1, codebook.shape[1])
+            grad_codebook = add_rows(torch.zeros_like(codebook), candidates.reshape(-1), rows)
+        return grad_ratios, grad_codebook, None
+
+
+def add_rows(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """target[index[i]] += rows[i], in row order on every device: CUDA's index_add_ adds with atomics in no fixed
+    order, its index_put_(accumulate=True) sorts first; on a CPU index_add_ is the fast one."""
+    if target.is_cuda:
+        return target.index_put_((index,), rows, accumulate=True)
+    return target.index_add_(0, index, rows)
+
+
+def mix_codewords(ratios: torch.Tensor, codebook: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Every sub-vector's candidates mixed by its ratios, both (n, S): (S, d), differentiable in ratios and
+    codebook."""
+    return _MixCodewords.apply(ratios.to(codebook.dtype), codebook, candidates)
 
 
 class VQLinear(QuantizedLinear):
@@ -58,15 +109,21 @@ class VQLinear(QuantizedLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, k: int, d: int, iters: int = 100, seed: int = 0,
-                    max_points: int | None = None) -> "VQLinear":
-        """Plain k-means VQ: k-means codebook on the layer's own sub-vectors, nearest-codeword codes."""
-        points = subvectors(linear.weight, d)
-        codebook = kmeans(points, k, iters=iters, seed=seed, max_points=max_points)
-        codes, _ = nearest(points, codebook, n=1)
+                    max_points: int | None = None, input_weights: torch.Tensor | None = None) -> "VQLinear":
+        """Plain k-means VQ: k-means codebook on the layer's own sub-vectors, nearest-codeword codes; with
+        `input_weights` (in_features,) each coordinate's squared error is weighted by its input channel's."""
+        points, weights = subvectors(linear.weight, d), point_weights(input_weights, linear, d)
+        codebook = kmeans(points, k, iters=iters, seed=seed, max_points=max_points, weights=weights)
+        codes, _ = nearest(points, codebook, n=1, weights=weights)
         return cls(codes[:, 0], codebook, linear_bias(linear), linear.out_features, linear.in_features)
 
     def dequantize(self) -> torch.Tensor:
-        return F.embedding(self.codes.long(), self.codebook).reshape(self.out_features, self.in_features)
+        codes = self.codes.long()
+        if torch.is_grad_enabled() and self.codebook.requires_grad:  # a fit trains the codebook: the fast backward
+            flat = mix_codewords(self.codebook.new_ones(1, len(codes)), self.codebook, codes[None])
+        else:
+            flat = F.embedding(codes, self.codebook)
+        return flat.reshape(self.out_features, self.in_features)
 
     def decode_rows(self, start: int, stop: int, out: torch.Tensor) -> None:
         per_row = self.in_features // self.d
@@ -105,7 +162,10 @@ class VQLinear(QuantizedLinear):
 
 
 class SoftVQLinear(nn.Module):
-    """Codebook, n candidate codewords per sub-vector and their softmax ratio logits (VQ4DiT's calibration state)."""
+    """Codebook, n candidate codewords per sub-vector and their softmax ratio logits (VQ4DiT's calibration state).
+
+    Candidates and logits are (n, S), candidate-major: a softmax over n = 2..3 values is 8x faster on a CPU along
+    the leading dimension than along a trailing one of that size, and each candidate's codes are contiguous."""
 
     def __init__(self, codebook: torch.Tensor, candidates: torch.Tensor, logits: torch.Tensor,
                  bias: torch.Tensor | None, out_features: int, in_features: int):
@@ -114,8 +174,9 @@ class SoftVQLinear(nn.Module):
         self.codebook = nn.Parameter(codebook)
         self.register_buffer("candidates", candidates)
         self.logits = nn.Parameter(logits)
-        self.register_buffer("frozen", torch.zeros(len(candidates), dtype=torch.bool))
+        self.register_buffer("frozen", torch.zeros(candidates.shape[1], dtype=torch.bool))
         self.bias = nn.Parameter(bias) if bias is not None else None
+        self.hardened = False  # set by freeze_all: codes fixed, `codes` holds them
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, k: int, d: int, n: int, ratio_init: str = "uniform",
@@ -128,61 +189,81 @@ class SoftVQLinear(nn.Module):
         return cls.from_codebook(linear, codebook, n, ratio_init)
 
     @classmethod
-    def from_codebook(cls, linear: nn.Linear, codebook: torch.Tensor, n: int,
-                      ratio_init: str = "uniform") -> "SoftVQLinear":
-        """Candidates are the n codewords nearest each sub-vector of `linear`, nearest first."""
-        points = subvectors(linear.weight, codebook.shape[1])
+    def from_codebook(cls, linear: nn.Linear, codebook: torch.Tensor, n: int, ratio_init: str = "uniform",
+                      input_weights: torch.Tensor | None = None) -> "SoftVQLinear":
+        """Candidates are the n codewords nearest each sub-vector of `linear`, nearest first (candidates[0]), by
+        the distance weighted by `input_weights` (in_features,) if given."""
+        d = codebook.shape[1]
+        points = subvectors(linear.weight, d)
         codebook = codebook.detach().float().clone()
-        candidates, sq_dist = nearest(points, codebook, n=n)
+        candidates, sq_dist = nearest(points, codebook, n=n, weights=point_weights(input_weights, linear, d))
         if ratio_init == "uniform":  # the paper: every candidate starts at 1/n
             logits = torch.zeros_like(sq_dist)
         elif ratio_init == "inverse_distance":  # the released code: ratios proportional to 1/distance
             logits = -torch.log(sq_dist.sqrt() + 1e-8)
         else:
             raise ValueError(f"ratio_init={ratio_init!r}; valid: uniform, inverse_distance")
-        return cls(codebook, candidates, logits, linear_bias(linear), linear.out_features, linear.in_features)
+        return cls(codebook, candidates.T.contiguous(), logits.T.contiguous(), linear_bias(linear),
+                   linear.out_features, linear.in_features)
 
     def ratios(self) -> torch.Tensor:
-        """Softmax ratios; frozen sub-vectors are one-hot on their best candidate."""
-        soft = self.logits.softmax(dim=1)
-        # no `if frozen.any()` shortcut: it would read a device value back to the host every forward
-        hard = F.one_hot(self.logits.argmax(dim=1), soft.shape[1]).to(soft.dtype)
-        return torch.where(self.frozen[:, None], hard, soft)
+        """Softmax ratios (n, S); a frozen sub-vector's logits are saturated, so its ratios are exactly one-hot."""
+        return self.logits.softmax(dim=0)
 
     def weight(self) -> torch.Tensor:
-        mixed = torch.einsum("sn,snd->sd", self.ratios(), self.codebook[self.candidates])
+        if self.hardened:  # every code is fixed: only the codebook trains
+            mixed = mix_codewords(self.codebook.new_ones(1, len(self.codes)), self.codebook, self.codes[None])
+        else:
+            mixed = mix_codewords(self.ratios(), self.codebook, self.candidates)
         return mixed.reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def hard_codes(self) -> torch.Tensor:
-        return self.candidates.gather(1, self.logits.argmax(dim=1, keepdim=True)).squeeze(1)
+        return self.candidates.gather(0, self._best()[None])[0]
+
+    def _best(self) -> torch.Tensor:
+        """Each sub-vector's top candidate (the first on ties): max's indices, because a CPU argmax along a short
+        leading dimension is 13x slower."""
+        return self.logits.detach().max(dim=0).indices
 
     def hard_weight(self) -> torch.Tensor:
         return F.embedding(self.hard_codes(), self.codebook).reshape(self.out_features, self.in_features)
 
     @torch.no_grad()
     def freeze_confident(self, threshold: float) -> None:
-        self.frozen |= self.logits.softmax(dim=1).max(dim=1).values > threshold
+        self._freeze(self.ratios().amax(dim=0) > threshold)
 
     @torch.no_grad()
     def freeze_all(self) -> None:
-        self.frozen.fill_(True)
+        self._freeze(torch.ones_like(self.frozen))
+        # a host flag, set here once: the forward then gathers fixed codes without reading device values per step
+        self.hardened = True
+        self.register_buffer("codes", self.hard_codes(), persistent=False)
+
+    def _freeze(self, rows: torch.Tensor) -> None:
+        """Saturate the logits of `rows` on their argmax: their softmax is then exactly one-hot (exp(-1e4) is 0 in
+        every float dtype), so they mix one codeword and their logits get exactly zero gradient, with no branch."""
+        best = F.one_hot(self._best(), len(self.logits)).T.to(self.logits.dtype)
+        self.logits.copy_(torch.where(rows, (best - 1) * SATURATED, self.logits))
+        self.frozen |= rows
 
     def regularizer(self, form: str) -> torch.Tensor:
         """Pushes every ratio to 0 or 1. paper: mean(1 - |2r - 1|); code: n * mean(r (1 - r))."""
+        if self.hardened:  # nothing left to push; and the logits stay out of the graph (no optimizer work)
+            return self.codebook.new_zeros(())
         r = self.ratios()
         if form == "paper":
             return (1 - (2 * r - 1).abs()).mean()
         if form == "code":
-            return r.shape[1] * (r * (1 - r)).mean()
+            return len(r) * (r * (1 - r)).mean()
         raise ValueError(f"regularizer={form!r}; valid: paper, code")
 
     @torch.no_grad()
     def entropy(self) -> torch.Tensor:
         r = self.ratios()
-        return -(r * r.clamp_min(1e-12).log()).sum(dim=1).mean()
+        return -(r * r.clamp_min(1e-12).log()).sum(dim=0).mean()
 
     @torch.no_grad()
     def to_hard(self) -> VQLinear:

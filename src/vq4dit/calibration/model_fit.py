@@ -1,0 +1,113 @@
+"""After the block loop: one fit of the whole quantized model against the full-precision model's own outputs.
+
+Block-wise calibration matches every block to its fp twin on fp inputs, so errors that add up across blocks are
+never seen. This pass runs the quantized model end to end on the pool's rows (x_t, t, y) and fits its output
+(the noise prediction, and the variance channels of a model that learns them) to the fp model's, with the codes
+fixed: only the deployed layers' float parameters train (VQ codebooks, biases; whatever float parameters a
+layer type has), everything else stays frozen. It is one LightningModule and one `Trainer.fit`, like a block's,
+and like a block it ships only if it beats what it started from on the pool's held-out rows.
+"""
+
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+from vq4dit.errors import UserError
+from vq4dit.models import ConditionalDiT
+from vq4dit.precision import autocast
+from vq4dit.quant.quantized_linear import QuantizedLinear
+from vq4dit.seeds import generator
+
+
+@dataclass(frozen=True)
+class ModelFitSettings:
+    iterations: int = 0          # 0: no model-level fit
+    batch_size: int = 16
+    lr: float = 1e-5
+    rmsprop_alpha: float = 0.9
+    log_every: int = 10
+
+    def __post_init__(self):
+        for name in ("batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"model_fit.{name}={getattr(self, name)}; valid: a positive integer")
+        if self.iterations < 0:
+            raise UserError(f"model_fit.iterations={self.iterations}; valid: 0 (off) or a positive integer")
+        if not self.lr > 0:
+            raise UserError(f"model_fit.lr={self.lr}; valid: a positive learning rate")
+        if not 0 < self.rmsprop_alpha < 1:
+            raise UserError(f"model_fit.rmsprop_alpha={self.rmsprop_alpha}; valid: a value in (0, 1)")
+
+
+def trainable_parameters(model: ConditionalDiT) -> list[torch.nn.Parameter]:
+    """The float parameters of every deployed quantized layer (codes are buffers: they never train)."""
+    return [p for m in model.modules() if isinstance(m, QuantizedLinear) for p in m.parameters()
+            if p.is_floating_point()]
+
+
+class ModelCalibration(L.LightningModule):
+    def __init__(self, model: ConditionalDiT, settings: ModelFitSettings):
+        super().__init__()
+        self.model, self.settings = model.requires_grad_(False), settings
+        self.trainable = trainable_parameters(model)
+        for p in self.trainable:
+            p.requires_grad_(True)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.eval()  # diffusers' label embedder drops labels in train mode
+        return self
+
+    def training_step(self, batch, batch_idx):
+        x, t, y, target = batch
+        mse = F.mse_loss(self.model(x, t, y).float(), target)
+        self.log("mse", mse, prog_bar=True, logger=False)
+        if self.global_step % self.settings.log_every == 0 and self.logger is not None:
+            self.logger.log_metrics({"model_fit/mse": mse.item()}, step=self.global_step)
+        return mse
+
+    def configure_optimizers(self):
+        return torch.optim.RMSprop(self.trainable, lr=self.settings.lr, alpha=self.settings.rmsprop_alpha)
+
+
+@torch.no_grad()
+def model_outputs(model: ConditionalDiT, rows: tuple[torch.Tensor, ...], device: torch.device, precision: str,
+                  chunk: int = 256) -> torch.Tensor:
+    """`model`'s fp32 outputs on (x, t, y), chunk by chunk on `device`, in host memory."""
+    x, t, y = rows
+    outs = []
+    for i in range(0, len(x), chunk):
+        with autocast(device, precision):
+            out = model(x[i:i + chunk].to(device), t[i:i + chunk].to(device), y[i:i + chunk].to(device))
+        outs.append(out.float().cpu())
+    return torch.cat(outs)
+
+
+def heldout_mse(model: ConditionalDiT, rows: tuple[torch.Tensor, ...], target: torch.Tensor, device: torch.device,
+                precision: str) -> float:
+    return F.mse_loss(model_outputs(model, rows, device, precision), target).item()
+
+
+def fit_model(model: ConditionalDiT, train: tuple[torch.Tensor, ...], heldout: tuple[torch.Tensor, ...],
+              settings: ModelFitSettings, make_trainer, device: torch.device, precision: str, seed: int) -> dict:
+    """Fit the quantized `model` in place; train and heldout are (x, t, y, fp output). Returns its statistics:
+    output MSE on the held-out rows before and after, and which was kept."""
+    before = heldout_mse(model, heldout[:3], heldout[3], device, precision)
+    params = trainable_parameters(model)
+    saved = [p.detach().clone() for p in params]
+    module = ModelCalibration(model, settings)
+    loader = DataLoader(TensorDataset(*train), batch_size=settings.batch_size, sampler=RandomSampler(
+        range(len(train[0])), replacement=True, num_samples=settings.iterations * settings.batch_size,
+        generator=generator(seed, "model-fit-batches")))
+    make_trainer(max_steps=settings.iterations).fit(module, loader)
+    model.to(device).requires_grad_(False)  # Lightning's teardown may leave the module on the CPU
+    after = heldout_mse(model, heldout[:3], heldout[3], device, precision)
+    kept = "fit" if after <= before else "blocks"
+    if kept == "blocks":
+        with torch.no_grad():
+            for p, value in zip(params, saved):
+                p.copy_(value)
+    return {"start_mse": before, "fitted_mse": after, "kept": kept, "iterations": settings.iterations}
