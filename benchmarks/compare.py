@@ -55,11 +55,45 @@ def overrides_for(row: str) -> list[str]:
             *(s if "." in s.split("=")[0] else f"method.{s}" for s in settings)]
 
 
-def stale_settings(manifest: dict, method_record: dict) -> dict:
+def run_settings(manifest: dict) -> dict:
+    """What a checkpoint was made with, from its manifest, in the form `row_settings` gives for a config."""
+    method = {k: v for k, v in manifest["method"].items() if k not in ("name", "quant", "act")}
+    model_fit = manifest.get("model_fit") or {}
+    return {"method": manifest["method"]["name"], "quant": manifest["method"]["quant"],
+            "act": manifest["method"].get("act"), **{f"method.{k}": v for k, v in method.items()},
+            **{f"method.{k}": v for k, v in ADDED_SETTINGS.items() if k not in method},
+            "fit": manifest.get("fit"), "model_fit.iterations": model_fit.get("iterations", 0),
+            "model_fit.lr": model_fit.get("lr") if model_fit else None,
+            "pool.student_inputs": manifest["pool"]["student_inputs"], "seed": manifest["seed"]}
+
+
+def row_settings(cfg) -> dict:
+    """The settings a config resolves to, as `run_settings` reads them from a manifest."""
+    method = build_method(cfg)
+    record = method.record()
+    fitted = cfg.model_fit.iterations > 0
+    return {"method": record["name"], "quant": record["quant"], "act": record.get("act"),
+            **{f"method.{k}": v for k, v in record.items() if k not in ("name", "quant", "act")},
+            "fit": dict(cfg.fit) if method.fits else None, "model_fit.iterations": cfg.model_fit.iterations,
+            "model_fit.lr": cfg.model_fit.lr if fitted else None, "pool.student_inputs": cfg.pool.student_inputs,
+            "seed": cfg.seed}
+
+
+def stale_settings(manifest: dict, cfg) -> dict:
     """Settings whose recorded value differs from what the row resolves to today ({} when the cache is valid)."""
-    recorded = manifest["method"]
-    return {key: (recorded.get(key, ADDED_SETTINGS.get(key)), value) for key, value in method_record.items()
-            if key not in ("quant", "act") and recorded.get(key, ADDED_SETTINGS.get(key)) != value}
+    recorded, today = run_settings(manifest), row_settings(cfg)
+    return {key: (recorded.get(key), value) for key, value in today.items() if recorded.get(key) != value}
+
+
+def equivalent_run(cfg, num_samples: int) -> dict | None:
+    """A cached run of another row name made with exactly these settings (and the same evaluation), if any."""
+    for path in sorted(CACHE.glob("*/row.json")):
+        run = json.loads(path.read_text())
+        if run.get("num_samples") != num_samples or run.get("checkpoint") is None:
+            continue
+        if not stale_settings(read_manifest(Path(run["checkpoint"])), cfg):
+            return run
+    return None
 
 
 def main() -> None:
@@ -140,13 +174,16 @@ def run_row(row: str, seed: int, eval_cfg, scorer, fp: dict, reps: int, cached_o
                  f"paths.log_dir={folder / 'logs'}", "resume=false", "log_samples=0", "trainer.enable_progress_bar=false")
     if (folder / "row.json").exists():
         cached = json.loads((folder / "row.json").read_text())
-        stale = stale_settings(read_manifest(Path(cached["checkpoint"])), build_method(cfg).record())
+        stale = stale_settings(read_manifest(Path(cached["checkpoint"])), cfg)
         if not stale:
             return cached
         print(f"{row} seed {seed}: cached with other settings (recorded, now): {stale}", flush=True)
         if cached_only:
             return None
         os.replace(folder, folder.with_name(f"{folder.name}-superseded-{int(time.time())}"))  # kept, not overwritten
+    same = equivalent_run(cfg, eval_cfg.num_samples)  # e.g. a default row run earlier under its settings' names
+    if same is not None:
+        return same
     if cached_only:
         return None
     shutil.rmtree(folder, ignore_errors=True)  # a row interrupted before its row.json: start it again
