@@ -29,6 +29,7 @@ from vq4dit.errors import instantiate
 from vq4dit.evaluate import load_model, sample_and_score
 from vq4dit.models.embedders import shared_embedders
 from vq4dit.quant.checkpoint import TENSORS, VERSION, load_quantized, read_manifest, save_quantized
+from vq4dit.calibration.pipeline import resolve_student_inputs
 from vq4dit.quantize import build_method, quantize
 
 ROWS = ["rtn-w4pc", "rtn-w4g64", "gptq-w4pc", "gptq-w4g64", "kmeans-w4", "classic_vq-w4", "vq4dit-w4",
@@ -75,7 +76,7 @@ def row_settings(cfg) -> dict:
     return {"method": record["name"], "quant": record["quant"], "act": record.get("act"),
             **{f"method.{k}": v for k, v in record.items() if k not in ("name", "quant", "act")},
             "fit": dict(cfg.fit) if method.fits else None, "model_fit.iterations": cfg.model_fit.iterations,
-            "model_fit.lr": cfg.model_fit.lr if fitted else None, "pool.student_inputs": cfg.pool.student_inputs,
+            "model_fit.lr": cfg.model_fit.lr if fitted else None, "pool.student_inputs": resolve_student_inputs(cfg.pool.student_inputs, method),
             "seed": cfg.seed}
 
 

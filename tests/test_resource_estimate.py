@@ -53,7 +53,8 @@ def test_estimate_is_within_2x_of_a_measured_run(compose_cfg, tmp_path, monkeypa
     start = time.perf_counter()
     quantize(compose_cfg("train", *SMALL))
     measured = time.perf_counter() - start
-    assert predicted.pool_bytes == 2 * pools[0]  # the pool's inputs and the targets beside them
+    # the pool's inputs, the targets beside them, and the quantized students' inputs (vq4dit's default)
+    assert predicted.pool_bytes == 3 * pools[0]
     assert measured / 2 < predicted.total_seconds < 2 * measured, (predicted.total_seconds, measured, str(predicted))
 
 

@@ -164,7 +164,7 @@ RULES: dict[str, Rule] = {
     "model_fit.rmsprop_alpha": Num(0, 1, low_open=True, high_open=True), "model_fit.log_every": POSITIVE,
     # the calibration pool
     "pool.trajectories": Int(1, null=True), "pool.size": POSITIVE, "pool.heldout_trajectories": POSITIVE,
-    "pool.heldout_size": POSITIVE, "pool.student_inputs": Choice("fp", "quantized"),
+    "pool.heldout_size": POSITIVE, "pool.student_inputs": Choice("fp", "quantized", null=True),
     # the sampler and its diffusers scheduler
     "sampler.steps": POSITIVE, "sampler.guidance_scale": Num(1), "sampler.batch_size": POSITIVE,
     "sampler.device": DEVICE, "sampler.precision": Choice(*PRECISIONS),

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vq4dit.calibration.block_cost import (BlockCost, forward_flops, forward_seconds_per_row, measure_block,
                                            synthetic_rows)
+from vq4dit.calibration.pipeline import resolve_student_inputs
 from vq4dit.calibration.zero_data import covering_trajectories
 from vq4dit.devices import available_devices, fits_on, resolve_device, resolve_devices
 from vq4dit.errors import UserError, instantiate
@@ -78,7 +79,8 @@ def estimate(cfg: DictConfig) -> Estimate:
     train = min(pool.size, trajectories * steps * halves)
     heldout = min(pool.heldout_size, pool.heldout_trajectories * steps * halves)
     row_bytes = tokens * width * 4
-    copies = 3 if pool.student_inputs == "quantized" else 2  # inputs, targets (and the quantized students' inputs)
+    quantized_inputs = resolve_student_inputs(pool.student_inputs, method, processes) == "quantized"
+    copies = 3 if quantized_inputs else 2  # inputs, targets (and the quantized students' inputs)
     pool_bytes = (train + heldout) * row_bytes * copies
 
     cost = measure_block(block, tokens, classes, method, fit, device, measured_precision,

@@ -24,7 +24,7 @@ from vq4dit.artifacts import image_grid
 from vq4dit.calibration.block_cache import BlockCache, tensors_digest
 from vq4dit.calibration.block_parallel import check_spreadable
 from vq4dit.calibration.model_fit import ModelFitSettings
-from vq4dit.calibration.pipeline import check_student_inputs, default_trainer, quantize_model
+from vq4dit.calibration.pipeline import default_trainer, quantize_model, resolve_student_inputs
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs, check_pool_sizes
 from vq4dit.config_schema import validate
 from vq4dit.devices import resolve_device, resolve_devices
@@ -76,10 +76,10 @@ def _quantize(cfg: DictConfig) -> Path:
     check_precision(cfg.precision)
     pool_cfg = cfg.pool
     check_pool_sizes(**{k: v for k, v in pool_cfg.items() if k != "student_inputs"})
-    check_student_inputs(pool_cfg.student_inputs)
+    student_inputs = resolve_student_inputs(pool_cfg.student_inputs, method, len(resolve_devices(device, devices)))
     model = instantiate(cfg.model).to(device)
     method.check(block_linears(model.blocks[0]))
-    folder = block_cache_folder(cfg, method, out, weights_digest(model))
+    folder = block_cache_folder(cfg, method, out, weights_digest(model), student_inputs)
     cache = BlockCache(folder, key=folder.name)
     logger = instantiate(cfg.logger)
     sampler = instantiate(cfg.sampler)
@@ -88,12 +88,13 @@ def _quantize(cfg: DictConfig) -> Path:
     fp_model = copy.deepcopy(model) if cfg.log_samples else None
     trainer = default_trainer(device, logger, instantiate(cfg.trainer), precision=cfg.precision)
     result = quantize_model(model, method, pool, device=device, devices=devices, precision=cfg.precision,
-                            seed=cfg.seed, fit=fit, student_inputs=pool_cfg.student_inputs, cache=cache,
+                            seed=cfg.seed, fit=fit, student_inputs=student_inputs, cache=cache,
                             trainer=trainer, logger=logger, output_dir=out, scorer=lambda: instantiate(cfg.metric),
                             model_fit=model_fit)
     manifest = {"model": OmegaConf.to_container(cfg.model, resolve=True), "method": method.record(),
                 "fit": asdict(fit) if method.fits else None,
-                "pool": {**OmegaConf.to_container(pool_cfg), "trajectories": pool.trajectories},
+                "pool": {**OmegaConf.to_container(pool_cfg), "trajectories": pool.trajectories,
+                         "student_inputs": result.student_inputs},
                 "sampler": OmegaConf.to_container(cfg.sampler, resolve=True), "seed": cfg.seed,
                 "precision": cfg.precision, "threads": cfg.threads, "debug": debug_preset(cfg),
                 "calibration_seconds": round(result.seconds, 1),
@@ -114,7 +115,7 @@ def configured_devices(cfg: DictConfig) -> int | list[int]:
     return devices
 
 
-def block_cache_folder(cfg: DictConfig, method: Method, out: Path, weights: str) -> Path:
+def block_cache_folder(cfg: DictConfig, method: Method, out: Path, weights: str, student_inputs: str) -> Path:
     """Where finished blocks are kept: keyed by the content of everything that determines them (the weights'
     digest, not their path; the method, preset, fit, pool, sampler, seed, precision and CPU threads), so the same
     command resumes and anything else starts afresh."""
@@ -122,6 +123,7 @@ def block_cache_folder(cfg: DictConfig, method: Method, out: Path, weights: str)
         return out / "blocks"
     keyed = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "pool", "sampler")}
     keyed["model"]["weights"] = weights  # overwritten weights at the same path are other weights
+    keyed["pool"]["student_inputs"] = student_inputs  # resolved: null means the method's choice
     keyed["sampler"].pop("batch_size", None)  # how many trajectories are sampled at once changes no row
     keyed.update(method=method.record(), fit=OmegaConf.to_container(cfg.fit) if method.fits else None, seed=cfg.seed,
                  precision=cfg.precision, threads=cfg.threads, deterministic=cfg.trainer.get("deterministic"),

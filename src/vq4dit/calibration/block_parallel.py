@@ -48,8 +48,9 @@ def quantize_blocks_in_parallel(model: ConditionalDiT, method: Method, pool: Zer
     return cache
 
 
-def check_spreadable(student_inputs: str, devices: int) -> None:
-    if devices > 1 and student_inputs != "fp":
+def check_spreadable(student_inputs: str | None, devices: int) -> None:
+    """Several devices need independent blocks: fp student inputs (null resolves to fp there)."""
+    if devices > 1 and student_inputs not in ("fp", None):
         raise UserError(f"pool.student_inputs={student_inputs} with {devices} devices: a block that sees its "
                         "quantized predecessor's outputs waits for it; use pool.student_inputs=fp or devices=1")
 

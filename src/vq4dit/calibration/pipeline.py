@@ -57,12 +57,13 @@ class QuantizationResult:
     model: ConditionalDiT
     blocks: list[dict] = field(default_factory=list)  # per block: start / shipped held-out MSE, which was kept
     model_fit: dict | None = None  # the model-level fit's held-out output MSE before and after, which was kept
+    student_inputs: str = "fp"     # what the blocks' students saw (pool.student_inputs, resolved)
     seconds: float = 0.0
 
 
 def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method, pool: ZeroDataBlockInputs, *,
                    device: str | torch.device | None = None, devices: int | list[int] = 1, precision: str = "fp32",
-                   seed: int = 0, fit: FitSettings | None = None, student_inputs: str = "fp",
+                   seed: int = 0, fit: FitSettings | None = None, student_inputs: str | None = None,
                    cache: BlockCache | None = None, trainer: TrainerFactory | None = None, logger=None,
                    progress: bool = True, output_dir: Path | None = None, scorer: Callable | None = None,
                    blocks: Collection[int] | None = None, model_fit: ModelFitSettings | None = None
@@ -74,8 +75,8 @@ def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method
     A model-level step of the method keeps its resume state in the cache's folder and its results in
     `output_dir`; `scorer` builds the sample scorer it may use. `blocks`: quantize only these (the others only
     advance the pool), as a process of a parallel run does (its method arrives after the model-level step).
+    `student_inputs` None is the method's choice (`resolve_student_inputs`).
     `model_fit` with iterations: after the blocks, the whole model is fitted to the fp model's outputs (model_fit.py)."""
-    check_student_inputs(student_inputs)
     check_precision(precision)
     model = ConditionalDiT.of(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -88,6 +89,7 @@ def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method
     if blocks is None:
         method.before_blocks(model, run)
     spread = resolve_devices(device, devices) if devices != 1 else [device]
+    student_inputs = resolve_student_inputs(student_inputs, method, len(spread))
     if len(spread) > 1:
         cache = quantize_blocks_in_parallel(model, method, pool, spread, precision=precision, seed=seed, fit=fit,
                                             student_inputs=student_inputs, cache=cache, trainer=make_trainer,
@@ -96,7 +98,7 @@ def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method
     if fits_model:  # the fp model's outputs on every pool row, before any block is quantized
         fp_outputs = model_outputs(model, (pool.inputs, pool.timesteps, pool.labels), device, precision)
     student_hidden = pool.hidden.clone() if student_inputs == "quantized" else None
-    result = QuantizationResult(model)
+    result = QuantizationResult(model, student_inputs=student_inputs)
     for i in tqdm(range(len(model.blocks)), desc="blocks", disable=not progress):
         block = model.blocks[i]
         with autocast(device, precision):
@@ -144,6 +146,14 @@ def rows_home(device: torch.device, *rows: torch.Tensor) -> torch.device:
     """Where a block's rows live during its quantization: on a CUDA device when they take at most half of its
     free memory (no host-to-device copy per batch), else in host memory, streamed batch by batch."""
     return device if fits_on(device, sum(r.numel() * r.element_size() for r in rows)) else torch.device("cpu")
+
+
+def resolve_student_inputs(configured: str | None, method: Method, devices: int = 1) -> str:
+    """`pool.student_inputs`, or if null the method's choice; fp where blocks run on several devices at once."""
+    if configured is not None:
+        check_student_inputs(configured)
+        return configured
+    return "fp" if devices > 1 else method.student_inputs
 
 
 def check_student_inputs(student_inputs: str) -> None:

@@ -89,6 +89,9 @@ class Method:
     # where and how the method quantizes activations when `act` has bits (an act preset's open settings)
     input_sites: ClassVar[tuple[str, ...]] = ("qkv", "proj", "fc1", "fc2")
     act_defaults: ClassVar[dict] = {"granularity": "tensor", "dynamic": False}
+    # what a block's student sees when pool.student_inputs is null: the fp blocks' outputs ("fp") or its quantized
+    # predecessor's ("quantized")
+    student_inputs: ClassVar[str] = "fp"
 
     def __post_init__(self):
         expected = FAMILIES[self.family]
