@@ -26,7 +26,7 @@ from vq4dit.seeds import generator
 class ModelFitSettings:
     iterations: int = 0          # 0: no model-level fit
     batch_size: int = 16
-    lr: float = 1e-5
+    lr: float = 3e-5
     rmsprop_alpha: float = 0.9
     log_every: int = 10
 
