@@ -140,6 +140,15 @@ def _greedy_kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, chunk: int,
     return centers
 
 
+def add_rows(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """target[index[i]] += rows[i], adding in row order on every device, so sums are reproducible: CUDA's
+    index_add_ adds with atomics in no fixed order, its index_put_(accumulate=True) does not; on a CPU index_put_
+    splits the work over threads and index_add_ does not."""
+    if target.is_cuda:
+        return target.index_put_((index,), rows, accumulate=True)
+    return target.index_add_(0, index, rows)
+
+
 def _cluster_sums(x: torch.Tensor, labels: torch.Tensor, k: int, chunk: int,
                   w: torch.Tensor | None = None) -> torch.Tensor:
     """Float64 (k, d) sums of the points of each cluster: float32 would lose digits over millions of points.
@@ -150,12 +159,7 @@ def _cluster_sums(x: torch.Tensor, labels: torch.Tensor, k: int, chunk: int,
         if w is not None:
             weights = w[rows].double()
             values = torch.cat([values, weights * values, weights], 1)
-        # each op adds the rows in point order on its device (CUDA's index_add_ uses atomics, CPU's index_put_
-        # splits the work over threads), so the sums are reproducible and independent of the chunk size
-        if x.is_cuda:
-            sums.index_put_((labels[rows],), values, accumulate=True)
-        else:
-            sums.index_add_(0, labels[rows], values)
+        add_rows(sums, labels[rows], values)
     return sums
 
 

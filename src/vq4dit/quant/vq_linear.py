@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vq4dit.quant.decode import gather_rows
-from vq4dit.quant.kmeans import kmeans, nearest
+from vq4dit.quant.kmeans import add_rows, kmeans, nearest
 from vq4dit.quant.packing import code_bits, pack_codes, smallest_code_dtype, unpack_codes
 from vq4dit.quant.quantized_linear import QuantizedLinear, linear_bias
 from vq4dit.quant.stored_checks import (check_all_finite, check_bias, check_codes_below, check_packed,
@@ -68,14 +68,6 @@ class _MixCodewords(torch.autograd.Function):
             rows = (ratios[:, :, None] * grad[None]).reshape(-1, codebook.shape[1])
             grad_codebook = add_rows(torch.zeros_like(codebook), candidates.reshape(-1), rows)
         return grad_ratios, grad_codebook, None
-
-
-def add_rows(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """target[index[i]] += rows[i], in row order on every device: CUDA's index_add_ adds with atomics in no fixed
-    order, its index_put_(accumulate=True) sorts first; on a CPU index_add_ is the fast one."""
-    if target.is_cuda:
-        return target.index_put_((index,), rows, accumulate=True)
-    return target.index_add_(0, index, rows)
 
 
 def mix_codewords(ratios: torch.Tensor, codebook: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
