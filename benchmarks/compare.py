@@ -179,9 +179,8 @@ def run_row(row: str, seed: int, eval_cfg, scorer, fp: dict, reps: int, cached_o
         if not stale:
             return cached
         print(f"{row} seed {seed}: cached with other settings (recorded, now): {stale}", flush=True)
-        if cached_only:
-            return None
-        os.replace(folder, folder.with_name(f"{folder.name}-superseded-{int(time.time())}"))  # kept, not overwritten
+        if not cached_only:
+            os.replace(folder, folder.with_name(f"{folder.name}-superseded-{int(time.time())}"))  # kept, not overwritten
     same = equivalent_run(cfg, eval_cfg.num_samples)  # e.g. a default row run earlier under its settings' names
     if same is not None:
         return same
