@@ -29,6 +29,7 @@ from vq4dit.errors import instantiate
 from vq4dit.evaluate import load_model, sample_and_score
 from vq4dit.models.embedders import shared_embedders
 from vq4dit.quant.checkpoint import TENSORS, VERSION, load_quantized, read_manifest, save_quantized
+from vq4dit.calibration.model_fit import ModelFitSettings, resolved
 from vq4dit.calibration.pipeline import resolve_student_inputs
 from vq4dit.quantize import build_method, quantize
 
@@ -72,10 +73,11 @@ def row_settings(cfg) -> dict:
     """The settings a config resolves to, as `run_settings` reads them from a manifest."""
     method = build_method(cfg)
     record = method.record()
-    fitted = cfg.model_fit.iterations > 0
+    iterations = resolved(ModelFitSettings(**cfg.model_fit), method).iterations
+    fitted = iterations > 0
     return {"method": record["name"], "quant": record["quant"], "act": record.get("act"),
             **{f"method.{k}": v for k, v in record.items() if k not in ("name", "quant", "act")},
-            "fit": dict(cfg.fit) if method.fits else None, "model_fit.iterations": cfg.model_fit.iterations,
+            "fit": dict(cfg.fit) if method.fits else None, "model_fit.iterations": iterations,
             "model_fit.lr": cfg.model_fit.lr if fitted else None, "pool.student_inputs": resolve_student_inputs(cfg.pool.student_inputs, method),
             "seed": cfg.seed}
 

@@ -160,7 +160,7 @@ RULES: dict[str, Rule] = {
     # fitting
     "fit.iterations": POSITIVE, "fit.batch_size": POSITIVE, "fit.lr": RATE, "fit.rmsprop_alpha": Num(0, 1, low_open=True, high_open=True),
     "fit.log_every": POSITIVE,
-    "model_fit.iterations": Int(0), "model_fit.batch_size": POSITIVE, "model_fit.lr": RATE,
+    "model_fit.iterations": Int(0, null=True), "model_fit.batch_size": POSITIVE, "model_fit.lr": RATE,
     "model_fit.rmsprop_alpha": Num(0, 1, low_open=True, high_open=True), "model_fit.log_every": POSITIVE,
     # the calibration pool
     "pool.trajectories": Int(1, null=True), "pool.size": POSITIVE, "pool.heldout_trajectories": POSITIVE,

@@ -8,7 +8,7 @@ layer type has), everything else stays frozen. It is one LightningModule and one
 and like a block it ships only if it beats what it started from on the pool's held-out rows.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import lightning as L
 import torch
@@ -24,7 +24,7 @@ from vq4dit.seeds import generator
 
 @dataclass(frozen=True)
 class ModelFitSettings:
-    iterations: int = 0          # 0: no model-level fit
+    iterations: int | None = None  # 0: no model-level fit; None: the method's choice (`Method.model_fit_iterations`)
     batch_size: int = 16
     lr: float = 3e-5
     rmsprop_alpha: float = 0.9
@@ -34,12 +34,21 @@ class ModelFitSettings:
         for name in ("batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"model_fit.{name}={getattr(self, name)}; valid: a positive integer")
-        if self.iterations < 0:
-            raise UserError(f"model_fit.iterations={self.iterations}; valid: 0 (off) or a positive integer")
+        if self.iterations is not None and self.iterations < 0:
+            raise UserError(f"model_fit.iterations={self.iterations}; valid: 0 (off), a positive integer, or null "
+                            "(the method's choice)")
         if not self.lr > 0:
             raise UserError(f"model_fit.lr={self.lr}; valid: a positive learning rate")
         if not 0 < self.rmsprop_alpha < 1:
             raise UserError(f"model_fit.rmsprop_alpha={self.rmsprop_alpha}; valid: a value in (0, 1)")
+
+
+def resolved(settings: "ModelFitSettings | None", method) -> "ModelFitSettings":
+    """The settings with iterations None replaced by the method's choice."""
+    settings = settings or ModelFitSettings()
+    if settings.iterations is None:
+        settings = replace(settings, iterations=method.model_fit_iterations)
+    return settings
 
 
 def trainable_parameters(model: ConditionalDiT) -> list[torch.nn.Parameter]:

@@ -34,7 +34,7 @@ from vq4dit.calibration.block_calibration import BlockCalibration
 from vq4dit.calibration.block_cache import BlockCache
 from vq4dit.calibration.block_data import BlockData, with_layers
 from vq4dit.calibration.block_parallel import quantize_blocks_in_parallel
-from vq4dit.calibration.model_fit import ModelFitSettings, fit_model, model_outputs
+from vq4dit.calibration.model_fit import ModelFitSettings, fit_model, model_outputs, resolved
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs
 from vq4dit.devices import fits_on, lightning_accelerator, resolve_devices
 from vq4dit.errors import UserError
@@ -76,7 +76,7 @@ def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method
     `output_dir`; `scorer` builds the sample scorer it may use. `blocks`: quantize only these (the others only
     advance the pool), as a process of a parallel run does (its method arrives after the model-level step).
     `student_inputs` None is the method's choice (`resolve_student_inputs`).
-    `model_fit` with iterations: after the blocks, the whole model is fitted to the fp model's outputs (model_fit.py)."""
+    `model_fit` with iterations (None: the method's choice): after the blocks, the whole model is fitted to the fp model's outputs (model_fit.py)."""
     check_precision(precision)
     model = ConditionalDiT.of(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -94,7 +94,8 @@ def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method
         cache = quantize_blocks_in_parallel(model, method, pool, spread, precision=precision, seed=seed, fit=fit,
                                             student_inputs=student_inputs, cache=cache, trainer=make_trainer,
                                             progress=progress)
-    fits_model = model_fit is not None and model_fit.iterations > 0 and blocks is None
+    model_fit = resolved(model_fit, method)
+    fits_model = model_fit.iterations > 0 and blocks is None
     if fits_model:  # the fp model's outputs on every pool row, before any block is quantized
         fp_outputs = model_outputs(model, (pool.inputs, pool.timesteps, pool.labels), device, precision)
     student_hidden = pool.hidden.clone() if student_inputs == "quantized" else None

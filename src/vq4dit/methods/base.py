@@ -92,6 +92,8 @@ class Method:
     # what a block's student sees when pool.student_inputs is null: the fp blocks' outputs ("fp") or its quantized
     # predecessor's ("quantized")
     student_inputs: ClassVar[str] = "fp"
+    # model-level fit steps after the blocks when model_fit.iterations is null (calibration/model_fit.py)
+    model_fit_iterations: ClassVar[int] = 0
 
     def __post_init__(self):
         expected = FAMILIES[self.family]
