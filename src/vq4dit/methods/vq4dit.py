@@ -39,6 +39,7 @@ class VQ4DiT(KMeansVQ):
     name = "vq4dit"
     fits = True
     student_inputs = "quantized"  # measured end to end: README, "VQ4DiT beyond the paper"
+    model_fit_iterations = 500    # the model-level fit after the blocks: measured end to end, same section
 
     def __post_init__(self):
         super().__post_init__()
