@@ -94,3 +94,16 @@ def test_model_fit_settings_are_checked():
         ModelFitSettings(iterations=-1)
     with pytest.raises(UserError, match="model_fit.lr=0"):
         ModelFitSettings(lr=0)
+
+
+def test_the_fitted_model_is_exactly_what_its_checkpoint_reloads(quantized, tmp_path):
+    """The fit trains fp32 codebooks; what ships (and what the fit is scored on) is the fp16-stored checkpoint."""
+    from vq4dit.quant.checkpoint import load_quantized, save_quantized
+
+    _, model, train, heldout, trainer = quantized
+    fit_model(model, train, heldout, ModelFitSettings(iterations=10, lr=1e-4), trainer, torch.device("cpu"),
+              "fp32", seed=0)
+    reloaded = load_quantized(save_quantized(model, tmp_path / "ckpt", {"seed": 0}))
+    x, t, y, _ = heldout
+    with torch.no_grad():
+        assert torch.equal(reloaded(x[:8], t[:8], y[:8]), model(x[:8], t[:8], y[:8]))

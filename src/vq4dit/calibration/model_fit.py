@@ -51,6 +51,17 @@ def resolved(settings: "ModelFitSettings | None", method) -> "ModelFitSettings":
     return settings
 
 
+@torch.no_grad()
+def as_stored(model: ConditionalDiT) -> None:
+    """Every deployed layer's trained parameters rounded, in place, to what its checkpoint stores (fp16 codebooks;
+    biases stay fp32): the model that is scored is the model that ships. Shared input quantizers stay shared."""
+    for layer in (m for m in model.modules() if isinstance(m, QuantizedLinear)):
+        stored, _ = layer.stored()
+        for name, p in layer.named_parameters(recurse=False):
+            if name in stored:
+                p.copy_(stored[name].to(p.dtype))
+
+
 def trainable_parameters(model: ConditionalDiT) -> list[torch.nn.Parameter]:
     """The float parameters of every deployed quantized layer (codes are buffers: they never train)."""
     return [p for m in model.modules() if isinstance(m, QuantizedLinear) for p in m.parameters()
@@ -105,18 +116,18 @@ def fit_model(model: ConditionalDiT, train: tuple[torch.Tensor, ...], heldout: t
     """Fit the quantized `model` in place; train and heldout are (x, t, y, fp output). Returns its statistics:
     output MSE on the held-out rows before and after, and which was kept."""
     before = heldout_mse(model, heldout[:3], heldout[3], device, precision)
-    params = trainable_parameters(model)
-    saved = [p.detach().clone() for p in params]
+    saved = [p.detach().clone() for p in trainable_parameters(model)]  # the blocks' layers: already as stored
     module = ModelCalibration(model, settings)
     loader = DataLoader(TensorDataset(*train), batch_size=settings.batch_size, sampler=RandomSampler(
         range(len(train[0])), replacement=True, num_samples=settings.iterations * settings.batch_size,
         generator=generator(seed, "model-fit-batches")))
     make_trainer(max_steps=settings.iterations).fit(module, loader)
     model.to(device).requires_grad_(False)  # Lightning's teardown may leave the module on the CPU
+    as_stored(model)  # what ships is what the checkpoint holds (fp16 codebooks ...): that is what is scored
     after = heldout_mse(model, heldout[:3], heldout[3], device, precision)
     kept = "fit" if after <= before else "blocks"
     if kept == "blocks":
         with torch.no_grad():
-            for p, value in zip(params, saved):
+            for p, value in zip(trainable_parameters(model), saved):
                 p.copy_(value)
     return {"start_mse": before, "fitted_mse": after, "kept": kept, "iterations": settings.iterations}
