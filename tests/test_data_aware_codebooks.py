@@ -86,6 +86,6 @@ def test_vq4dit_candidates_rank_codewords_by_the_weighted_distance(block_rows):
         assert same > 0.99 * sum(start[n].codes.numel() for n in linears), weighting  # fp16 codebooks: near-ties
     weighted = _method("method.kmeans_weighting=input_moment")
     start = weighted.start(linears, data)
-    unweighted_ranking = _method().prepare(linears, start, data)  # the same codebooks, ranked without weights
+    unweighted_ranking = _method("method.kmeans_weighting=none").prepare(linears, start, data)  # the same codebooks, ranked without weights
     disagree = sum(int((unweighted_ranking[n].candidates[0] != start[n].codes.long()).sum()) for n in linears)
     assert disagree > 0.05 * sum(start[n].codes.numel() for n in linears)

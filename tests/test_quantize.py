@@ -154,8 +154,10 @@ def test_a_calibration_worse_than_its_start_ships_the_start(compose_cfg, tmp_pat
     the same tensors plain k-means writes with the same seed."""
     common = [*FAST, *SMALL_VQ, "quant=w3"]
     kmeans = quantize(compose_cfg("train", *common, "method=kmeans", f"paths.output_dir={tmp_path / 'k'}"))
+    # the paper's k-means start (plain k-means' own), and no model-level fit after the blocks
     broken = quantize(compose_cfg("train", *common, "method=vq4dit", "method.lr_ratios=1000",
-                                  "method.reg_weight=0", f"paths.output_dir={tmp_path / 'v'}"))
+                                  "method.reg_weight=0", "method.kmeans_weighting=none", "model_fit=none",
+                                  f"paths.output_dir={tmp_path / 'v'}"))
     blocks = json.loads((broken / "manifest.json").read_text())["blocks"]
     assert all(b["kept"] == "start" and b["method_mse"] > b["start_mse"] for b in blocks)
     a, b = load_file(kmeans / "model.safetensors"), load_file(broken / "model.safetensors")

@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from vq4dit.calibration.pipeline import resolve_student_inputs
 from vq4dit.config_schema import RULES, rule_for, validate
 from vq4dit.entry import check_config
 from vq4dit.errors import UserError
@@ -148,11 +149,14 @@ def test_cache_is_keyed_by_the_weights_content_not_their_path(compose_cfg, tmp_p
 def test_cache_key_covers_every_setting_that_determines_a_block(compose_cfg, tmp_path):
     def key(*overrides: str) -> str:
         cfg = compose_cfg("train", *FAST, "method=vq4dit", *overrides)
-        return block_cache_folder(cfg, build_method(cfg), tmp_path, "weights digest").name
+        method = build_method(cfg)
+        inputs = resolve_student_inputs(cfg.pool.student_inputs, method)
+        return block_cache_folder(cfg, method, tmp_path, "weights digest", inputs).name
 
     reference = key()
     for override in ("seed=1", "threads=2", "precision=bf16", "fit.lr=0.001", "method.candidates=3",
-                     "pool.size=64", "sampler.steps=4", "quant.k=8", "trainer.deterministic=true"):
+                     "pool.size=64", "sampler.steps=4", "quant.k=8", "trainer.deterministic=true",
+                     "pool.student_inputs=fp"):
         assert key(override) != reference, override
     assert key("sampler.batch_size=7") == reference  # changes no row of the pool
 

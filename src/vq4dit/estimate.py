@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vq4dit.calibration.block_cost import (BlockCost, forward_flops, forward_seconds_per_row, measure_block,
                                            synthetic_rows)
+from vq4dit.calibration.model_fit import ModelFitSettings, resolved
 from vq4dit.calibration.pipeline import resolve_student_inputs
 from vq4dit.calibration.zero_data import covering_trajectories
 from vq4dit.devices import available_devices, fits_on, resolve_device, resolve_devices
@@ -116,7 +117,11 @@ def estimate(cfg: DictConfig) -> Estimate:
         blocks_seconds = depth * block_seconds
     else:  # every process walks every fp block; the assembly walks them once more
         blocks_seconds = 2 * depth * teacher + math.ceil(depth / processes) * (block_seconds - teacher)
-    total = pool_seconds + blocks_seconds
+    # the model-level fit: a step runs every block forward and backward once; one block's fit step (whose soft
+    # weights cost more than the fixed codes the model fit trains) times the depth bounds it from above
+    model_fit_steps = resolved(ModelFitSettings(**cfg.model_fit), method).iterations
+    model_fit_seconds = model_fit_steps * depth * max(step_seconds, 3 * fit.batch_size * row_seconds)
+    total = pool_seconds + blocks_seconds + model_fit_seconds
 
     model_bytes = (sum(p.numel() * p.element_size() for p in one.parameters())
                    + (depth - 1) * cost.block_bytes)
@@ -156,6 +161,8 @@ def estimate(cfg: DictConfig) -> Estimate:
         f"{step_seconds * 1e3:.3g} ms",
         f"  blocks               {_duration(blocks_seconds)}  ({depth} blocks on {processes} device"
         f"{'s' if processes > 1 else ''})",
+        *([f"  model fit            {_duration(model_fit_seconds)}  ({model_fit_steps} steps x {depth} blocks x "
+            f"a block's step, an upper bound)"] if model_fit_steps else []),
         f"  total                {_duration(total)}",
     ]
     return Estimate(lines, pool_seconds, block_seconds, total, pool_bytes, device_bytes, cost)
