@@ -94,6 +94,8 @@ def equivalent_run(cfg, num_samples: int) -> dict | None:
         run = json.loads(path.read_text())
         if run.get("num_samples") != num_samples or run.get("checkpoint") is None:
             continue
+        # where the run's files are now (a superseded row's folder was renamed after its row.json was written)
+        run.update(checkpoint=str(path.parent / "train" / "checkpoint"), samples=str(path.parent / "samples.safetensors"))
         if not stale_settings(read_manifest(Path(run["checkpoint"])), cfg):
             return run
     return None
