@@ -75,8 +75,8 @@ def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method
     A model-level step of the method keeps its resume state in the cache's folder and its results in
     `output_dir`; `scorer` builds the sample scorer it may use. `blocks`: quantize only these (the others only
     advance the pool), as a process of a parallel run does (its method arrives after the model-level step).
-    `student_inputs` None is the method's choice (`resolve_student_inputs`).
-    `model_fit` with iterations (None: the method's choice): after the blocks, the whole model is fitted to the fp model's outputs (model_fit.py)."""
+    `student_inputs` None is the method's choice (`resolve_student_inputs`). `model_fit` with iterations (None:
+    the method's choice): after the blocks, the whole model is fitted to the fp model's outputs (model_fit.py)."""
     check_precision(precision)
     model = ConditionalDiT.of(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
