@@ -140,7 +140,8 @@ def main() -> None:
     labelled_rows(figure, load_file(fp["samples"])["labels"]).save(out / "samples.png")
     command = "python benchmarks/compare.py" + ("" if args.rows == ",".join(ROWS) else f" --rows {args.rows}") + (
         "" if args.seeds == "0,1,2" else f" --seeds {args.seeds}") + (
-        "" if args.num_samples == 500 else f" --num-samples {args.num_samples}") + (" --from-cache" if args.from_cache else "")
+        "" if args.num_samples == 500 else f" --num-samples {args.num_samples}") + (" --from-cache" if args.from_cache else "") + (
+        "" if Path(args.out).resolve() == ROOT / "benchmarks/results/compare" else f" --out {Path(args.out).resolve().relative_to(ROOT)}")
     setup = {"command": command, "not_run": not_run,
              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "num_samples": args.num_samples,
              "calibration_seeds": seeds, "eval_seed": eval_cfg.seed, "threads": torch.get_num_threads(),
