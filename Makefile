@@ -20,7 +20,7 @@ setup: .venv/.installed  ## create .venv and install the project (CPU torch, no 
 train: setup  ## quantize the reference digits DiT to 3 bits
 	$(PY) train.py quant=w3
 
-test: setup  ## the default test suite (about 4 minutes on 2 cores)
+test: setup  ## the default test suite (about 5.5 minutes on 2 cores)
 	$(PY) -m pytest
 
 test-all: setup  ## every test, the slow ones too
