@@ -10,16 +10,13 @@ never trained on).
 """
 
 import argparse
-import copy
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from harness import ROOT, config, fresh_dir, write_results
-from vq4dit.calibration.block_data import BlockData
+from harness import ROOT, config, fp_blocks, fresh_dir, write_results
 from vq4dit.calibration.pipeline import default_trainer, quantize_block
-from vq4dit.calibration.zero_data import ZeroDataBlockInputs
 from vq4dit.errors import instantiate
 from vq4dit.methods import FitSettings
 from vq4dit.quantize import build_method
@@ -51,17 +48,12 @@ def main() -> None:
             "trainer.enable_progress_bar=false"]
     cfg = config("train", *base)
     device = torch.device(cfg.device)
-    model = instantiate(cfg.model)
-    p_cfg = cfg.pool
-    pool = ZeroDataBlockInputs(model, instantiate(cfg.sampler), p_cfg.trajectories, p_cfg.size, cfg.seed,
-                               p_cfg.heldout_trajectories, p_cfg.heldout_size, progress=False)
     blocks = [int(b) for b in args.blocks.split(",")]
     data = {}
-    for i, block in enumerate(model.blocks[: max(blocks) + 1]):
-        targets = pool.block_outputs(block, device)
-        rows = lambda part: (pool.hidden[part], pool.timesteps[part], pool.labels[part], targets[part])  # noqa: E731
-        data[i] = BlockData(copy.deepcopy(block), i, rows(pool.train_rows), rows(pool.heldout_rows), device, cfg.seed)
-        pool.hidden = targets
+    for block_data in fp_blocks(cfg):
+        data[block_data.index] = block_data
+        if block_data.index == max(blocks):
+            break
     rows = []
     for name in args.variants.split(","):
         vcfg = config("train", *base, *VARIANTS[name])
@@ -73,7 +65,7 @@ def main() -> None:
                         + (f" --variants {args.variants}" if args.variants != ",".join(VARIANTS) else ""),
              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "threads": torch.get_num_threads()}
     header = [f"Command: `{setup['command']}` ({setup['date']}). k={cfg.quant.k}, d={cfg.quant.d}; block MSE on "
-              f"{p_cfg.heldout_size} held-out pool rows divided by plain k-means's, per block ({args.blocks}).", "",
+              f"{cfg.pool.heldout_size} held-out pool rows divided by plain k-means's, per block ({args.blocks}).", "",
               "| variant | soft / k-means | calibrated hard / k-means | hard at hardening / k-means |",
               "|---|---|---|---|"]
     write_results(out, rows, "\n".join(header + [_row_md(r) for r in rows]), setup)

@@ -46,6 +46,27 @@ def labelled_rows(rows: list[tuple[str, torch.Tensor]], labels: torch.Tensor, pe
     return canvas
 
 
+def fp_blocks(cfg):
+    """Every block of `cfg`'s model in turn as BlockData on its zero-data pool: fp inputs, training and held-out
+    rows, the fp block's outputs as targets (one forward of the pool per block)."""
+    import copy
+
+    from vq4dit.calibration.block_data import BlockData
+    from vq4dit.calibration.zero_data import ZeroDataBlockInputs
+    from vq4dit.errors import instantiate
+
+    device = torch.device(cfg.device)
+    model = instantiate(cfg.model)
+    p = cfg.pool
+    pool = ZeroDataBlockInputs(model, instantiate(cfg.sampler), p.trajectories, p.size, cfg.seed,
+                               p.heldout_trajectories, p.heldout_size, progress=False)
+    for i, block in enumerate(model.blocks):
+        targets = pool.block_outputs(block, device)
+        rows = lambda part: (pool.hidden[part], pool.timesteps[part], pool.labels[part], targets[part])  # noqa: E731
+        yield BlockData(copy.deepcopy(block), i, rows(pool.train_rows), rows(pool.heldout_rows), device, cfg.seed)
+        pool.hidden = targets
+
+
 def write_results(out: Path, rows: list[dict], table: str, extra: dict) -> None:
     (out / "results.json").write_text(json.dumps({"rows": rows, **extra}, indent=2) + "\n")
     (out / "results.md").write_text(table + "\n")

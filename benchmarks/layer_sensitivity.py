@@ -9,16 +9,13 @@ whose share of the error is small next to their share of the weights are where b
 """
 
 import argparse
-import copy
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from harness import ROOT, config, fresh_dir, write_results
-from vq4dit.calibration.block_data import BlockData, with_layers
-from vq4dit.calibration.zero_data import ZeroDataBlockInputs
-from vq4dit.errors import instantiate
+from harness import ROOT, config, fp_blocks, fresh_dir, write_results
+from vq4dit.calibration.block_data import with_layers
 from vq4dit.quant.block_layers import INPUT_SITES, block_linears
 from vq4dit.quantize import build_method
 
@@ -32,16 +29,10 @@ def main() -> None:
     out = fresh_dir(Path(args.out or ROOT / f"benchmarks/results/layer-sensitivity-{args.quant}"))
     cfg = config("train", "method=kmeans", f"quant={args.quant}", f"method.kmeans_weighting={args.weighting}",
                  "paths.output_dir=" + str(ROOT / "logs/benchmark/layer-sensitivity"))
-    device = torch.device(cfg.device)
-    model, method = instantiate(cfg.model), build_method(cfg)
-    p_cfg = cfg.pool
-    pool = ZeroDataBlockInputs(model, instantiate(cfg.sampler), p_cfg.trajectories, p_cfg.size, cfg.seed,
-                               p_cfg.heldout_trajectories, p_cfg.heldout_size, progress=False)
+    method = build_method(cfg)
     rows = []
-    for i, block in enumerate(model.blocks):
-        targets = pool.block_outputs(block, device)
-        part = lambda rows_: (pool.hidden[rows_], pool.timesteps[rows_], pool.labels[rows_], targets[rows_])  # noqa: E731
-        data = BlockData(copy.deepcopy(block), i, part(pool.train_rows), part(pool.heldout_rows), device, cfg.seed)
+    for data in fp_blocks(cfg):
+        i = data.index
         linears = block_linears(data.block)
         start = method.start(linears, data)
         whole = data.heldout_mse(with_layers(data.block, start)).item()
@@ -53,14 +44,13 @@ def main() -> None:
                                   "weight_share": sum(linears[n].weight.numel() for n in names) / weights}
         rows.append(row)
         print(_row_md(row), flush=True)
-        pool.hidden = targets
     setup = {"command": "python benchmarks/layer_sensitivity.py"
                         + ("" if args.quant == "w2" else f" --quant {args.quant}")
                         + ("" if args.weighting == "input_moment" else f" --weighting {args.weighting}"),
              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "threads": torch.get_num_threads()}
     header = [f"Command: `{setup['command']}` ({setup['date']}). Plain k-means VQ {method.quant.describe()} "
               f"(kmeans_weighting={args.weighting}) on one site at a time, the rest fp: block MSE on "
-              f"{p_cfg.heldout_size} held-out pool rows as a share of the whole quantized block's MSE "
+              f"{cfg.pool.heldout_size} held-out pool rows as a share of the whole quantized block's MSE "
               "(weight share in brackets).", "",
               "| block | " + " | ".join(INPUT_SITES) + " | whole block MSE |",
               "|---|" + "---|" * (len(INPUT_SITES) + 1)]

@@ -7,17 +7,14 @@ held-out rows, and the assignment's code bits per weight.
 """
 
 import argparse
-import copy
 import math
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from harness import ROOT, config, fresh_dir, write_results
-from vq4dit.calibration.block_data import BlockData, with_layers
-from vq4dit.calibration.zero_data import ZeroDataBlockInputs
-from vq4dit.errors import instantiate
+from harness import ROOT, config, fp_blocks, fresh_dir, write_results
+from vq4dit.calibration.block_data import with_layers
 from vq4dit.quant.block_layers import INPUT_SITES, block_linears
 from vq4dit.quantize import build_method
 
@@ -33,17 +30,11 @@ def main() -> None:
     args = p.parse_args()
     out = fresh_dir(Path(args.out))
     cfg = config("train", "method=kmeans", "method.kmeans_weighting=input_moment")
-    device = torch.device(cfg.device)
-    model = instantiate(cfg.model)
-    pool = ZeroDataBlockInputs(model, instantiate(cfg.sampler), cfg.pool.trajectories, cfg.pool.size, cfg.seed,
-                               cfg.pool.heldout_trajectories, cfg.pool.heldout_size, progress=False)
     site_of = {name: site for site, names in INPUT_SITES.items() for name in names}
     methods = {}
     rows = []
-    for i, block in enumerate(model.blocks):
-        targets = pool.block_outputs(block, device)
-        part = lambda r: (pool.hidden[r], pool.timesteps[r], pool.labels[r], targets[r])  # noqa: E731
-        data = BlockData(copy.deepcopy(block), i, part(pool.train_rows), part(pool.heldout_rows), device, cfg.seed)
+    for data in fp_blocks(cfg):
+        i = data.index
         linears = block_linears(data.block)
         row = {"block": i, "plans": {}}
         for plan_name, plan in PLANS.items():
@@ -61,7 +52,6 @@ def main() -> None:
                                        "bits": bits / weights}
         rows.append(row)
         print(row, flush=True)
-        pool.hidden = targets
     setup = {"command": "python benchmarks/mixed_bits.py",
              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "threads": torch.get_num_threads()}
     names = list(PLANS)
