@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
-from vq4dit.entry import preflight, run  # noqa: E402
+from vq4dit.cli.entry import preflight, run  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="export")
@@ -19,5 +19,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    preflight(Path(__file__).parent / "configs", "export", results=())
+    preflight(Path(__file__).parent / "configs", "export", results=(), new_folders=("out",))
     main()

@@ -8,20 +8,20 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
-from vq4dit.entry import preflight, run  # noqa: E402
-from vq4dit.outputs import TRAIN_RESULTS  # noqa: E402
+from vq4dit.cli.entry import preflight, run  # noqa: E402
+from vq4dit.cli.outputs import TRAIN_RESULTS  # noqa: E402
 
 
 def expected_bytes(cfg: DictConfig) -> int:
-    from vq4dit.quantize import expected_bytes as count  # the heavy imports only once the config is valid
+    from vq4dit.cli.quantize import expected_bytes as count  # the heavy imports only once the config is valid
 
     return count(cfg)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from vq4dit.estimate import estimate
-    from vq4dit.quantize import eval_command, quantize
+    from vq4dit.cli.estimate import estimate
+    from vq4dit.cli.quantize import eval_command, quantize
 
     if cfg.dry_run:  # what the command costs; nothing is written
         print(run(lambda: estimate(cfg)))

@@ -13,8 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-
 from harness import ROOT, config, fresh_dir, write_results
+
 from vq4dit.calibration.model_fit import ModelFitSettings, fit_model, model_outputs
 from vq4dit.calibration.pipeline import default_trainer
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs

@@ -14,12 +14,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-
 from harness import ROOT, config, fp_blocks, fresh_dir, write_results
+
 from vq4dit.calibration.pipeline import default_trainer, quantize_block
+from vq4dit.cli.quantize import build_method
 from vq4dit.errors import instantiate
-from vq4dit.methods import FitSettings
-from vq4dit.quantize import build_method
 
 VARIANTS = {
     "defaults": [],
@@ -58,7 +57,7 @@ def main() -> None:
     for name in args.variants.split(","):
         vcfg = config("train", *base, *VARIANTS[name])
         trainer = default_trainer(device, trainer=instantiate(vcfg.trainer))
-        per_block = [quantize_block(build_method(vcfg), data[i], FitSettings(**vcfg.fit), trainer)[1] for i in blocks]
+        per_block = [quantize_block(build_method(vcfg), data[i], instantiate(vcfg.fit), trainer)[1] for i in blocks]
         rows.append({"variant": name, "overrides": VARIANTS[name], "blocks": per_block})
         print(_row_md(rows[-1]), flush=True)
     setup = {"command": f"python benchmarks/ablate_vq4dit.py --quant {args.quant} --blocks {args.blocks}"

@@ -18,20 +18,24 @@ import os
 import shutil
 import statistics
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from harness import ROOT, config, fresh_dir, labelled_rows, write_results
 from safetensors.torch import load_file, save_file
 
-from harness import ROOT, config, fresh_dir, labelled_rows, write_results
-from vq4dit.errors import instantiate
-from vq4dit.evaluate import load_model, sample_and_score
+from vq4dit.calibration.model_fit import resolved
+from vq4dit.calibration.pipeline import resolve_student_inputs
+from vq4dit.cli.config_schema import validate
+from vq4dit.cli.entry import compose, fail
+from vq4dit.cli.evaluate import load_model, sample_and_score
+from vq4dit.cli.outputs import check_writable
+from vq4dit.cli.quantize import build_method, quantize
+from vq4dit.errors import UserError, instantiate
 from vq4dit.models.embedders import shared_embedders
 from vq4dit.quant.checkpoint import TENSORS, VERSION, load_quantized, read_manifest, save_quantized
-from vq4dit.calibration.model_fit import ModelFitSettings, resolved
-from vq4dit.calibration.pipeline import resolve_student_inputs
-from vq4dit.quantize import build_method, quantize
 
 ROWS = ["rtn-w4pc", "rtn-w4g64", "gptq-w4pc", "gptq-w4g64", "kmeans-w4", "classic_vq-w4", "vq4dit-w4",
         "rtn-w3pc", "rtn-w3g64", "gptq-w3pc", "gptq-w3g64", "kmeans-w3", "classic_vq-w3", "vq4dit-w3",
@@ -73,12 +77,13 @@ def row_settings(cfg) -> dict:
     """The settings a config resolves to, as `run_settings` reads them from a manifest."""
     method = build_method(cfg)
     record = method.record()
-    iterations = resolved(ModelFitSettings(**cfg.model_fit), method).iterations
+    iterations = resolved(instantiate(cfg.model_fit), method).iterations
     fitted = iterations > 0
     return {"method": record["name"], "quant": record["quant"], "act": record.get("act"),
             **{f"method.{k}": v for k, v in record.items() if k not in ("name", "quant", "act")},
-            "fit": dict(cfg.fit) if method.fits else None, "model_fit.iterations": iterations,
-            "model_fit.lr": cfg.model_fit.lr if fitted else None, "pool.student_inputs": resolve_student_inputs(cfg.pool.student_inputs, method),
+            "fit": asdict(instantiate(cfg.fit)) if method.fits else None, "model_fit.iterations": iterations,
+            "model_fit.lr": cfg.model_fit.lr if fitted else None,
+            "pool.student_inputs": resolve_student_inputs(cfg.pool.student_inputs, method),
             "seed": cfg.seed}
 
 
@@ -95,10 +100,47 @@ def equivalent_run(cfg, num_samples: int) -> dict | None:
         if run.get("num_samples") != num_samples or run.get("checkpoint") is None:
             continue
         # where the run's files are now (a superseded row's folder was renamed after its row.json was written)
-        run.update(checkpoint=str(path.parent / "train" / "checkpoint"), samples=str(path.parent / "samples.safetensors"))
+        run.update(checkpoint=str(path.parent / "train" / "checkpoint"),
+                   samples=str(path.parent / "samples.safetensors"))
         if not stale_settings(read_manifest(Path(run["checkpoint"])), cfg):
             return run
     return None
+
+
+def check_arguments(args) -> tuple[list[str], list[int]]:
+    """Every argument before any work (the fp row is minutes): (rows, seeds), or one UserError line."""
+    seeds = [s.strip() for s in args.seeds.split(",")]
+    if not all(s.isdigit() for s in seeds) or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {args.seeds}; valid: distinct non-negative integers separated by commas (0,1)")
+    for name, value, low in (("--num-samples", args.num_samples, 2), ("--bootstrap", args.bootstrap, 1),
+                             ("--threads", args.threads, 1)):
+        if value < low:
+            raise UserError(f"{name} {value}; valid: an integer >= {low}")
+    if args.only_cache and args.from_cache:
+        raise UserError("--only-cache with --from-cache: the first runs rows, the second only reads them; give one")
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if not rows:
+        raise UserError(f"--rows {args.rows!r}; valid: comma-separated <method>-<preset>[-<act>][+<setting>=<value>]")
+    for row in rows:
+        try:
+            cfg = compose(ROOT / "configs", "train", overrides_for(row))
+            validate(cfg)
+            build_method(cfg)
+        except UserError as e:
+            raise UserError(f"--rows: {row}: {e}") from None
+        except ValueError:  # a row name that is not <method>-<preset>
+            raise UserError(f"--rows: {row}; valid: <method>-<preset>[-<act>][+<setting>=<value>...]") from None
+    if not args.only_cache:
+        check_writable(Path(args.out), "--out")
+    return rows, [int(s) for s in seeds]
+
+
+def _shown(path: Path) -> str:
+    """A path as the command line that made the table gives it: relative to the repository when inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path.resolve())
 
 
 def main() -> None:
@@ -114,8 +156,11 @@ def main() -> None:
                    help="write the table from cached runs only; rows and seeds not run yet are listed, not run")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: reproducible, shares the cores)")
     args = p.parse_args()
+    try:
+        rows, seeds = check_arguments(args)
+    except UserError as e:
+        fail(str(e))  # one line on stderr, exit status 2
     torch.set_num_threads(args.threads)
-    rows, seeds = args.rows.split(","), [int(s) for s in args.seeds.split(",")]
     out = None if args.only_cache else fresh_dir(Path(args.out))
     eval_cfg = config("eval", f"ckpt={ROOT / 'data/dit_digits'}", f"num_samples={args.num_samples}",
                       f"paths.output_dir={CACHE / 'eval'}")
@@ -140,8 +185,10 @@ def main() -> None:
     labelled_rows(figure, load_file(fp["samples"])["labels"]).save(out / "samples.png")
     command = "python benchmarks/compare.py" + ("" if args.rows == ",".join(ROWS) else f" --rows {args.rows}") + (
         "" if args.seeds == "0,1,2" else f" --seeds {args.seeds}") + (
-        "" if args.num_samples == 500 else f" --num-samples {args.num_samples}") + (" --from-cache" if args.from_cache else "") + (
-        "" if Path(args.out).resolve() == ROOT / "benchmarks/results/compare" else f" --out {Path(args.out).resolve().relative_to(ROOT)}")
+        "" if args.num_samples == 500 else f" --num-samples {args.num_samples}") + (
+        " --from-cache" if args.from_cache else "") + (
+        "" if Path(args.out).resolve() == ROOT / "benchmarks/results/compare"
+        else f" --out {_shown(Path(args.out))}")
     setup = {"command": command, "not_run": not_run,
              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "num_samples": args.num_samples,
              "calibration_seeds": seeds, "eval_seed": eval_cfg.seed, "threads": torch.get_num_threads(),
@@ -151,7 +198,8 @@ def main() -> None:
              f"(mean +- sd over them; one run where the result does not depend on the seed). FID on the digits "
              f"classifier's features; real-vs-real floor at this sample count {fp['fid_floor']:.2f}; 'eval sd' is "
              "FID's bootstrap sd over the samples of one run. Collapse (x): " + COLLAPSE + ".", "",
-             "| row | bits/weight (file) | activations | FID | eval sd | class acc. | PSNR vs fp (dB) | checkpoint KiB | "
+             "| row | bits/weight (file) | activations | FID | eval sd | class acc. | PSNR vs fp (dB) | "
+             "checkpoint KiB | "
              "calibration s |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [row_md(name, runs, fp) for name, runs in results.items()]
@@ -177,7 +225,8 @@ def run_fp(eval_cfg, scorer, reps: int) -> dict:
 def run_row(row: str, seed: int, eval_cfg, scorer, fp: dict, reps: int, cached_only: bool = False) -> dict | None:
     folder = CACHE / f"{row.replace('+', '_').replace('=', '-')}-s{seed}-{_digest(overrides_for(row), seed, eval_cfg)}"
     cfg = config("train", *overrides_for(row), f"seed={seed}", f"paths.output_dir={folder / 'train'}",
-                 f"paths.log_dir={folder / 'logs'}", "resume=false", "log_samples=0", "trainer.enable_progress_bar=false")
+                 f"paths.log_dir={folder / 'logs'}", "resume=false", "log_samples=0",
+                 "trainer.enable_progress_bar=false")
     if (folder / "row.json").exists():
         cached = json.loads((folder / "row.json").read_text())
         stale = stale_settings(read_manifest(Path(cached["checkpoint"])), cfg)
@@ -185,7 +234,8 @@ def run_row(row: str, seed: int, eval_cfg, scorer, fp: dict, reps: int, cached_o
             return cached
         print(f"{row} seed {seed}: cached with other settings (recorded, now): {stale}", flush=True)
         if not cached_only:
-            os.replace(folder, folder.with_name(f"{folder.name}-superseded-{int(time.time())}"))  # kept, not overwritten
+            # kept, not overwritten
+            os.replace(folder, folder.with_name(f"{folder.name}-superseded-{int(time.time())}"))
     same = equivalent_run(cfg, eval_cfg.num_samples)  # e.g. a default row run earlier under its settings' names
     if same is not None:
         return same

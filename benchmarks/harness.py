@@ -51,20 +51,19 @@ def fp_blocks(cfg):
     rows, the fp block's outputs as targets (one forward of the pool per block)."""
     import copy
 
-    from vq4dit.calibration.block_data import BlockData
     from vq4dit.calibration.zero_data import ZeroDataBlockInputs
     from vq4dit.errors import instantiate
+    from vq4dit.methods.block_data import BlockData
 
     device = torch.device(cfg.device)
     model = instantiate(cfg.model)
-    p = cfg.pool
-    pool = ZeroDataBlockInputs(model, instantiate(cfg.sampler), p.trajectories, p.size, cfg.seed,
-                               p.heldout_trajectories, p.heldout_size, progress=False)
+    pool = ZeroDataBlockInputs.of(model, instantiate(cfg.sampler), instantiate(cfg.pool), cfg.seed, progress=False)
+    hidden = pool.hidden
     for i, block in enumerate(model.blocks):
-        targets = pool.block_outputs(block, device)
-        rows = lambda part: (pool.hidden[part], pool.timesteps[part], pool.labels[part], targets[part])  # noqa: E731
+        targets = pool.block_outputs(block, device, hidden)
+        rows = lambda part: (hidden[part], pool.timesteps[part], pool.labels[part], targets[part])  # noqa: E731
         yield BlockData(copy.deepcopy(block), i, rows(pool.train_rows), rows(pool.heldout_rows), device, cfg.seed)
-        pool.hidden = targets
+        hidden = targets
 
 
 def write_results(out: Path, rows: list[dict], table: str, extra: dict) -> None:

@@ -12,9 +12,17 @@ and input allocated): CUDA's max_memory_allocated, or on a CPU the resident-set 
 /proc/self/status VmHWM, reset before the forward; glibc told to map large blocks, so freed memory leaves),
 which also counts the output. per_forward's weight memory = its resident codes, codebooks and biases + what its
 forward peaks above the dense forward's (the decode tile and its index: output and activations are the same).
+
+Launches (`--counts-only` runs just these, in seconds): the tiles (one decode + one GEMM each) and the kernels a
+forward launches, counted as the aten ops it dispatches that compute (views and bare allocations launch nothing;
+on a GPU each is about one kernel launch), in the quantized linears (decode, GEMM and their casts) and in all, for
+every case and for a whole DiT-XL/2 forward (28 blocks). Model cast to the dtype: counted on the meta device at
+256 tokens; fp32 weights under bf16 autocast (`sampler.precision=bf16`): on the CPU at 4 tokens (counts do not
+depend on tokens). Dense: the `decode=once` model.
 """
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -27,12 +35,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-
 from harness import ROOT, fresh_dir, write_results
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from vq4dit.deploy.memory import CPU_PROBE_ENV, peak_memory
 from vq4dit.deploy.synthetic import DIT_XL_2, random_layer, random_quantized_dit
 from vq4dit.quant import decode
+from vq4dit.quant.block_layers import QUANTIZED_LINEARS
 from vq4dit.quant.presets import VQPreset
+from vq4dit.quant.quantized_linear import QuantizedLinear, decode_once
 
 PRESET = VQPreset(k=256, d=4)  # w2
 HIDDEN, TOKENS = 1152, 256
@@ -52,7 +64,7 @@ def build(case: str, mode: str, dtype: torch.dtype, device: torch.device):
     else:
         module = random_layer(*shape, PRESET, g)
     if mode == "dense":
-        module = decode.decode_once(module, dtype) if shape is None else module.to_dense(dtype)
+        module = decode_once(module, dtype) if shape is None else module.to_dense(dtype)
     module = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     def inputs(batch: int):
@@ -99,12 +111,101 @@ def latency(case: str, dtype: torch.dtype, batch: int, device: torch.device, rep
     out = {f"{mode}_ms_{stat}": round(f(ts), 3) for mode, ts in times.items()
            for stat, f in (("min", min), ("median", statistics.median))}
     start = time.perf_counter()
-    decode.decode_once(copy.deepcopy(modules["per_forward"][0]), dtype) if CASES[case] is None \
+    decode_once(copy.deepcopy(modules["per_forward"][0]), dtype) if CASES[case] is None \
         else modules["per_forward"][0].to_dense(dtype)
     sync(device)
     out["once_decode_ms"] = round(1e3 * (time.perf_counter() - start), 3)
     out.update({f"{mode}_weights_bytes": weight_bytes(m) for mode, (m, _) in modules.items()})
     return out
+
+
+NO_KERNEL = {"aten.empty", "aten.empty_strided", "aten._unsafe_view", "aten.lift_fresh"}  # allocation / views
+
+
+class KernelCount(TorchDispatchMode):
+    """Counts the computing aten ops of what runs inside it: `all`, and `linears`, those inside the forwards of the
+    modules `linears` (hooks mark them)."""
+
+    def __init__(self, linears: list[nn.Module]):
+        super().__init__()
+        self.all = self.linears = 0
+        self.inside = False
+        self.hooks = [h for m in linears for h in (m.register_forward_pre_hook(lambda *_: self._mark(True)),
+                                                   m.register_forward_hook(lambda *_: self._mark(False)))]
+
+    def _mark(self, inside: bool) -> None:
+        self.inside = inside
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and str(func.overloadpacket) not in NO_KERNEL:
+            self.all += 1
+            self.linears += self.inside
+        return func(*args, **(kwargs or {}))
+
+
+def quantized_sites(module: nn.Module) -> list[nn.Module]:
+    """The module's quantized linears, or their dense replacements: the module itself if it is one layer."""
+    if isinstance(module, (QuantizedLinear, nn.Linear)):
+        return [module]
+    return [m for name, m in module.named_modules()
+            if any(name == q or name.endswith("." + q) for q in QUANTIZED_LINEARS)]
+
+
+def launches(module: nn.Module, kwargs: dict, autocast: torch.dtype | None = None) -> dict:
+    """Tiles and kernel launches (in the quantized linears, in all) of one forward of `module`."""
+    device_type = next(iter(kwargs.values())).device.type
+    precision = contextlib.nullcontext() if autocast is None else torch.autocast(device_type, dtype=autocast)
+    with decode.TileCounter() as tiles, KernelCount(quantized_sites(module)) as kernels, precision:
+        run(module, kwargs)
+    return {"tiles": tiles.tiles, "linear_kernels": kernels.linears, "all_kernels": kernels.all}
+
+
+def case_launches(case: str, dtype: torch.dtype) -> dict:
+    """A case's launches per forward in both modes (meta device: nothing computed)."""
+    out = {}
+    for mode in ("dense", "per_forward"):
+        module, inputs = build(case, mode, dtype, torch.device("meta"))
+        counts = launches(module, inputs(2))
+        out.update({f"{mode}_{key}": value for key, value in counts.items()})
+    return out
+
+
+def xl_launches(dtype: torch.dtype, autocast: bool) -> dict:
+    """Launches of one whole DiT-XL/2 forward in both modes: the model cast to `dtype` on the meta device (256
+    tokens), or fp32 weights under `dtype` autocast on the CPU (4 tokens: the same kernels, little compute)."""
+    arch, device = ({**DIT_XL_2, "sample_size": 4}, "cpu") if autocast else (DIT_XL_2, "meta")
+    size = arch["sample_size"]
+    kwargs = dict(hidden_states=torch.randn(1, 4, size, size, device=device),
+                  timestep=torch.zeros(1, dtype=torch.long, device=device),
+                  class_labels=torch.zeros(1, dtype=torch.long, device=device))
+    name = str(dtype).removeprefix("torch.")
+    out = {"dtype": f"fp32 weights, {name} autocast" if autocast else name,
+           "tokens": (size // arch["patch_size"]) ** 2}
+    for mode in ("per_forward", "dense"):
+        model = random_quantized_dit(arch, PRESET).transformer.to(device)
+        if not autocast:
+            model = model.to(dtype)
+            kwargs["hidden_states"] = kwargs["hidden_states"].to(dtype)
+        if mode == "dense":
+            model = decode_once(model)
+        counts = launches(model, kwargs, dtype if autocast else None)
+        out.update({f"{mode}_{key}": value for key, value in counts.items()})
+        del model
+    return out
+
+
+def xl_table(rows: list[dict]) -> str:
+    lines = ["| whole DiT-XL/2 forward (28 blocks) | tokens | tiles | decode + GEMM kernels in the quantized linears, "
+             "per_forward / dense | kernels in all, per_forward / dense |", "|" + "---|" * 5]
+    for r in rows:
+        lines.append(f"| {r['dtype']} | {r['tokens']} | {r['per_forward_tiles']} | {r['per_forward_linear_kernels']} / "
+                     f"{r['dense_linear_kernels']} | {r['per_forward_all_kernels']} / {r['dense_all_kernels']} |")
+    return "\n".join(lines)
 
 
 def probe(case: str, mode: str, dtype: torch.dtype, batch: int, device: torch.device) -> dict:
@@ -132,8 +233,9 @@ def mib(n: float) -> str:
 def table(rows: list[dict]) -> str:
     head = ("| case | dtype | batch | dense ms (min / median) | per_forward ms (min / median) | per_forward / dense "
             "(median) | decode=once ms | dense weights MiB | per_forward weight memory MiB (resident + decoding) "
-            "| / dense | forward peak MiB, dense / per_forward (measured) |")
-    lines = [head, "|" + "---|" * 11]
+            "| / dense | forward peak MiB, dense / per_forward (measured) | per_forward tiles | decode + GEMM kernels, "
+            "per_forward / dense |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['dtype']} | {r['batch']} | {r['dense_ms_min']:.1f} / {r['dense_ms_median']:.1f} | "
@@ -141,7 +243,15 @@ def table(rows: list[dict]) -> str:
             f"**{r['per_forward_ms_median'] / r['dense_ms_median']:.2f}×** | {r['once_decode_ms']:.1f} | "
             f"{mib(r['dense_weights_bytes'])} | {mib(r['per_forward_weight_memory_bytes'])} | "
             f"**{r['per_forward_weight_memory_bytes'] / r['dense_weights_bytes']:.2f}×** | "
-            f"{mib(r['dense_peak_bytes'])} / {mib(r['per_forward_peak_bytes'])} |")
+            f"{mib(r['dense_peak_bytes'])} / {mib(r['per_forward_peak_bytes'])} | {r['per_forward_tiles']} | "
+            f"{r['per_forward_linear_kernels']} / {r['dense_linear_kernels']} |")
+    return "\n".join(lines)
+
+
+def counts_table(rows: list[dict]) -> str:
+    lines = ["| case | dtype | per_forward tiles | decode + GEMM kernels, per_forward / dense |", "|" + "---|" * 4]
+    lines += [f"| {r['case']} | {r['dtype']} | {r['per_forward_tiles']} | {r['per_forward_linear_kernels']} / "
+              f"{r['dense_linear_kernels']} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -154,6 +264,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 unless measuring threads)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/inference"))
+    p.add_argument("--counts-only", action="store_true", help="only the tile and kernel-launch counts (seconds)")
     p.add_argument("--probe", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -164,11 +275,19 @@ def main() -> None:
         return
     out = fresh_dir(Path(args.out))
     names = [list(CASES)[int(i)] for i in args.cases.split(",")]
+    dtypes = args.dtypes.split(",")
+    counts = {(case, dtype): case_launches(case, getattr(torch, dtype)) for dtype in dtypes for case in names}
+    xl = [xl_launches(getattr(torch, dtype), autocast=False) for dtype in dtypes]
+    xl += [xl_launches(getattr(torch, dtype), autocast=True) for dtype in dtypes if dtype in ("bfloat16", "float16")]
+    print(xl_table(xl), flush=True)
     rows = []
-    for dtype in args.dtypes.split(","):
+    for dtype in dtypes:
         for case in names:
+            if args.counts_only:
+                rows.append({"case": case, "dtype": dtype, **counts[case, dtype]})
+                continue
             for batch in map(int, args.batches.split(",")):
-                row = {"case": case, "dtype": dtype, "batch": batch,
+                row = {"case": case, "dtype": dtype, "batch": batch, **counts[case, dtype],
                        **latency(case, getattr(torch, dtype), batch, device, args.reps)}
                 for mode in ("dense", "per_forward"):
                     m = memory(case, mode, dtype, batch, args.device, args.threads)
@@ -183,7 +302,9 @@ def main() -> None:
                else f"{platform.processor() or platform.machine()} CPU, {args.threads} thread(s)")
     header = (f"Command: `{command.strip()}` ({when}), torch {torch.__version__}, {machine}. "
               f"DiT-XL/2 shapes at 2 bits (k=256, d=4), {TOKENS} tokens; decode tile {decode.TILE_WEIGHTS} weights.")
-    write_results(out, rows, header + "\n\n" + table(rows), {"command": command, "when": when, "machine": machine})
+    tables = (counts_table if args.counts_only else table)(rows) + "\n\n" + xl_table(xl)
+    write_results(out, rows, header + "\n\n" + tables,
+                  {"command": command, "when": when, "machine": machine, "xl_forward": xl})
     print(header)
 
 

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from harness import ROOT, fresh_dir, write_results
+
 from vq4dit.deploy.export import export_diffusers
 from vq4dit.deploy.memory import CPU_PROBE_ENV
 from vq4dit.deploy.synthetic import DIT_XL_2, random_quantized_dit
@@ -68,7 +69,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         models = {} if args.digits_ckpt is None else {f"digits DiT, {args.digits_ckpt}": Path(args.digits_ckpt)}
-        for name, arch in (("digits DiT shape, w2", DIGITS), ("one DiT-XL/2-shaped block, w2", {**DIT_XL_2, "num_layers": 1}),
+        for name, arch in (("digits DiT shape, w2", DIGITS),
+                           ("one DiT-XL/2-shaped block, w2", {**DIT_XL_2, "num_layers": 1}),
                            ("DiT-XL/2 shape (28 blocks), w2", DIT_XL_2)):
             models[name] = save_quantized(random_quantized_dit(arch, VQPreset(256, 4), name=name.split(",")[0]),
                                           work / f"ckpt-{len(models)}")

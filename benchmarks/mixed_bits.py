@@ -12,11 +12,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-
 from harness import ROOT, config, fp_blocks, fresh_dir, write_results
-from vq4dit.calibration.block_data import with_layers
+
+from vq4dit.cli.quantize import build_method
+from vq4dit.methods.block_data import with_layers
 from vq4dit.quant.block_layers import INPUT_SITES, block_linears
-from vq4dit.quantize import build_method
 
 # site -> (k, d); "*": every other site
 PLANS = {"w3 everywhere (k64 d2)": {"*": (64, 2)},

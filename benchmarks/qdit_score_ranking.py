@@ -25,15 +25,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from harness import ROOT, config, fresh_dir, write_results
 from safetensors.torch import load_file, save_file
 from scipy.stats import spearmanr
 
-from harness import ROOT, config, fresh_dir, write_results
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs
+from vq4dit.cli.evaluate import sample_and_score
+from vq4dit.cli.quantize import build_method
 from vq4dit.errors import instantiate
-from vq4dit.evaluate import sample_and_score
 from vq4dit.quant.block_layers import block_linears
-from vq4dit.quantize import build_method
 from vq4dit.search.candidate_score import CandidateScore, candidate_model
 from vq4dit.search.evolution import EvolutionSearch, SearchSettings
 
@@ -68,8 +68,9 @@ def main() -> None:
     scorer = instantiate(eval_cfg.metric)
 
     candidates = {f"uniform {g}": (g,) * space.genes for g in space.choices}
-    draw = EvolutionSearch(SearchSettings(), space.choices, space.genes, space.legal, candidates[f"uniform {space.base}"],
-                           args.seed)._random
+    draw = EvolutionSearch(SearchSettings(), space.choices, space.genes, space.legal,
+                           candidates[f"uniform {space.base}"],
+                           args.seed).random_genome
     rng = random.Random(args.seed)
     for i in range(args.random):
         candidates[f"random {i}"] = draw(rng)

@@ -17,16 +17,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
-
 from harness import ROOT, config, fresh_dir, write_results
+
 from vq4dit.calibration.block_calibration import BlockCalibration
-from vq4dit.calibration.block_cost import _StepTimer, synthetic_rows
-from vq4dit.calibration.block_data import BlockData, with_layers
+from vq4dit.calibration.block_cost import StepTimer, synthetic_rows
 from vq4dit.calibration.pipeline import BlockTrainers, quantize_block
+from vq4dit.cli.quantize import build_method
 from vq4dit.errors import instantiate
-from vq4dit.methods import FitSettings
+from vq4dit.methods.block_data import BlockData, with_layers
 from vq4dit.quant.block_layers import block_linears
-from vq4dit.quantize import build_method
 
 
 def main() -> None:
@@ -40,7 +39,7 @@ def main() -> None:
     out = fresh_dir(Path(args.out))
     cfg = config("train")
     block = copy.deepcopy(instantiate(cfg.model).blocks[1]).eval().requires_grad_(False)
-    fit = FitSettings(**{k: v for k, v in cfg.fit.items()})
+    fit = instantiate(cfg.fit)
     x, t, y = synthetic_rows(512, 16, block.norm1.linear.in_features, 10, 0)
     with torch.no_grad():
         target = block(x, timestep=t, class_labels=y)
@@ -49,7 +48,7 @@ def main() -> None:
     trainers = BlockTrainers(device, None, partial(L.Trainer, enable_model_summary=False))
 
     def timed(run) -> list[float]:
-        timer = _StepTimer(device)
+        timer = StepTimer(device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run(lambda **kw: trainers(callbacks=[timer], enable_progress_bar=False, **kw))

@@ -29,10 +29,10 @@ def main() -> None:
     from vq4dit.calibration.block_cache import tensors_digest
     from vq4dit.calibration.pipeline import quantize_model
     from vq4dit.calibration.zero_data import ZeroDataBlockInputs
+    from vq4dit.cli.quantize import build_method
     from vq4dit.errors import instantiate
     from vq4dit.methods.base import FitSettings
     from vq4dit.quant.checkpoint import quantized_layers
-    from vq4dit.quantize import build_method
 
     torch.set_num_threads(args.threads)
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from vq4dit.entry import run
+from vq4dit.cli.entry import run
 from vq4dit.reference.fit import fit_reference
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from vq4dit.quant.act_quantizer import (CLIP_PERCENTILES, ActQuantizer, InputSample, attach_input_quantizer,
-                                        calibrate_static, input_quantizer_of)
+from vq4dit.quant.act_quantizer import (
+    CLIP_PERCENTILES,
+    ActQuantizer,
+    InputSample,
+    attach_input_quantizer,
+    calibrate_static,
+    input_quantizer_of,
+)
 from vq4dit.quant.attention_quantizer import QuantizedAttnProcessor
 from vq4dit.quant.quantized_linear import from_stored, is_weight_encoding, stored_form
 from vq4dit.quant.uniform_linear import UniformLinear
@@ -153,7 +159,8 @@ def test_attached_quantizer_applies_to_the_layer_and_is_stored_with_it():
     assert torch.equal(input_quantizer_of(again).scale, quantizer.scale)
     torch.testing.assert_close(again(x), expected, rtol=0, atol=0)
     plain_tensors, plain_record = stored_form(UniformLinear.from_linear(linear, 4, 16, False))
-    assert "input_quantizer" not in plain_record and input_quantizer_of(from_stored(plain_tensors, plain_record)) is None
+    assert ("input_quantizer" not in plain_record
+            and input_quantizer_of(from_stored(plain_tensors, plain_record)) is None)
 
 
 def test_attention_processor_matches_a_dense_attention_with_quantized_operands(compose_cfg):

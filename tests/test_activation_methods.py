@@ -10,13 +10,13 @@ import sys
 import pytest
 import torch
 
+from vq4dit.cli.evaluate import load_model
+from vq4dit.cli.quantize import quantize
 from vq4dit.errors import UserError, instantiate
-from vq4dit.evaluate import load_model
 from vq4dit.quant import act_quantizer
 from vq4dit.quant.act_quantizer import input_quantizer_of
 from vq4dit.quant.attention_quantizer import QuantizedAttnProcessor
 from vq4dit.quant.checkpoint import quantized_layers
-from vq4dit.quantize import quantize
 from vq4dit.sampling import balanced_labels
 from vq4dit.seeds import stream_seed
 
@@ -57,7 +57,7 @@ def runs(tmp_path_factory):
         return result
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("vq4dit.quantize.quantize_model", keep)
+        mp.setattr("vq4dit.cli.quantize.quantize_model", keep)
         mp.setattr(act_quantizer.ActQuantizer, "forward", counting)
         for name, (overrides, *_) in SETTINGS.items():
             tmp = tmp_path_factory.mktemp(name)
@@ -117,8 +117,8 @@ def test_static_scales_survive_save_and_load_in_a_fresh_process(runs, tmp_path):
     reloaded = torch.load(tmp_path / "outputs.pt", weights_only=True)
     for name, (_, _, in_memory, _) in runs.items():
         out, scales = reloaded[name]
-        expected = {n: input_quantizer_of(l).scale for n, l in quantized_layers(in_memory).items()
-                    if input_quantizer_of(l) is not None and not input_quantizer_of(l).dynamic}
+        expected = {n: input_quantizer_of(layer).scale for n, layer in quantized_layers(in_memory).items()
+                    if input_quantizer_of(layer) is not None and not input_quantizer_of(layer).dynamic}
         assert scales.keys() == expected.keys() and (len(scales) > 0) == (not SETTINGS[name][3])
         assert all(torch.equal(scales[n], expected[n]) for n in scales)
         with torch.no_grad():
@@ -161,7 +161,8 @@ def test_activation_quantization_costs_accuracy_and_more_bits_cost_less(runs, co
     with a8, and a8 further than with fp activations (block MSE on held-out rows)."""
     errors = {}
     for act in ("none", "a8", "a4"):
-        cfg = compose_cfg("train", *FAST, "method=rtn", "quant=w8a8", f"act={act}", f"paths.output_dir={tmp_path / act}")
+        cfg = compose_cfg("train", *FAST, "method=rtn", "quant=w8a8", f"act={act}",
+                          f"paths.output_dir={tmp_path / act}")
         blocks = json.loads((quantize(cfg) / "manifest.json").read_text())["blocks"]
         errors[act] = sum(b["shipped_mse"] for b in blocks)
     assert errors["none"] < errors["a8"] < errors["a4"], errors

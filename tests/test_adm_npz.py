@@ -55,10 +55,9 @@ def test_writer_refuses_wrong_images_and_leaves_nothing_behind(tmp_path):
     with pytest.raises(ValueError, match="3 of 4"):
         writer.close()
     writer.abort()
-    with pytest.raises(RuntimeError):
-        with AdmSampleWriter(path, np.zeros(4, dtype=int), (6, 5, 3)) as w:
-            w.write(_images(4))
-            raise RuntimeError("sampling crashed")
+    with pytest.raises(RuntimeError), AdmSampleWriter(path, np.zeros(4, dtype=int), (6, 5, 3)) as w:
+        w.write(_images(4))
+        raise RuntimeError("sampling crashed")
     assert list(tmp_path.iterdir()) == []
 
 

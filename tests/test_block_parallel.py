@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vq4dit.cli.quantize import quantize
 from vq4dit.errors import UserError
-from vq4dit.quantize import quantize
 
 # classic VQ fits (a Trainer in every process) and beats its start in every block here, so what ships is the fit
 FAST = ["model=dit_tiny", "model.arch.num_layers=3", "method=classic_vq", "quant=w3", "quant.k=16", "quant.d=2",

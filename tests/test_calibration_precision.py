@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from vq4dit.calibration import block_calibration
+from vq4dit.cli.quantize import quantize
 from vq4dit.errors import UserError
-from vq4dit.quantize import quantize
 
 FAST = ["model=dit_tiny", "method=classic_vq", "quant=w3", "quant.k=16", "quant.d=2", "fit.iterations=30",
         "pool.trajectories=4", "pool.size=96", "pool.heldout_trajectories=2", "pool.heldout_size=32",

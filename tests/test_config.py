@@ -7,10 +7,10 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from vq4dit.methods import GPTQ, PTQ4DiT, RTN, ClassicVQ, FitSettings, KMeansVQ, QDiT, VQ4DiT
+from vq4dit.cli.quantize import build_method
+from vq4dit.methods import GPTQ, RTN, ClassicVQ, KMeansVQ, PTQ4DiT, QDiT, VQ4DiT
 from vq4dit.models import ConditionalDiT
 from vq4dit.quant.presets import UniformPreset, VQPreset
-from vq4dit.quantize import build_method
 
 
 @pytest.mark.parametrize("preset,bits", [("w2", 2), ("w3", 3), ("w4", 4)])
@@ -56,7 +56,7 @@ def test_unknown_preset_fails_at_composition(compose_cfg):
 
 
 def test_fitting_methods_share_the_design_card_fit(compose_cfg):
-    fit = FitSettings(**compose_cfg("train").fit)
+    fit = instantiate(compose_cfg("train").fit)
     assert (fit.iterations, fit.batch_size) == (500, 16)
     assert ClassicVQ.fits and VQ4DiT.fits and not (KMeansVQ.fits or RTN.fits or GPTQ.fits)
 
@@ -77,7 +77,8 @@ def test_xl_needs_local_paths(compose_cfg):
     cfg = compose_cfg("eval", "model=dit_xl_2", "ckpt=x")
     assert cfg.model.weights == "x" and OmegaConf.is_missing(cfg.model, "vae")  # eval.py's weights are its ckpt
     assert OmegaConf.is_missing(compose_cfg("train", "model=dit_xl_2").model, "weights")
-    assert cfg.model.arch.num_layers == 28 and cfg.model.arch.num_attention_heads * cfg.model.arch.attention_head_dim == 1152
+    assert (cfg.model.arch.num_layers == 28
+            and cfg.model.arch.num_attention_heads * cfg.model.arch.attention_head_dim == 1152)
 
 
 def test_rtn_depends_on_the_seed_only_through_static_activation_scales(compose_cfg):

@@ -5,15 +5,14 @@ import copy
 
 import pytest
 import torch
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
-from vq4dit.calibration.block_data import BlockData, with_layers
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs
+from vq4dit.cli.quantize import build_method
 from vq4dit.errors import instantiate
+from vq4dit.methods.block_data import BlockData, with_layers
 from vq4dit.quant.block_layers import block_linears
-from vq4dit.quantize import build_method
-
-from conftest import ROOT
 
 
 def _method(*overrides: str):
@@ -31,10 +30,10 @@ def block_rows():
     pool = ZeroDataBlockInputs(model, instantiate(cfg.sampler), 8, 320, seed=0, heldout_trajectories=4,
                                heldout_size=64, progress=False)
     device = torch.device("cpu")
-    pool.advance(model.blocks[0], device)
+    hidden = pool.block_outputs(model.blocks[0], device)  # block 1's inputs
     block = model.blocks[1]
-    targets = pool.block_outputs(block, device)
-    rows = lambda part: (pool.hidden[part], pool.timesteps[part], pool.labels[part], targets[part])  # noqa: E731
+    targets = pool.block_outputs(block, device, hidden)
+    rows = lambda part: (hidden[part], pool.timesteps[part], pool.labels[part], targets[part])  # noqa: E731
     return block, rows(pool.train_rows), rows(pool.heldout_rows)
 
 
@@ -86,6 +85,7 @@ def test_vq4dit_candidates_rank_codewords_by_the_weighted_distance(block_rows):
         assert same > 0.99 * sum(start[n].codes.numel() for n in linears), weighting  # fp16 codebooks: near-ties
     weighted = _method("method.kmeans_weighting=input_moment")
     start = weighted.start(linears, data)
-    unweighted_ranking = _method("method.kmeans_weighting=none").prepare(linears, start, data)  # the same codebooks, ranked without weights
+    # the same codebooks, ranked without weights
+    unweighted_ranking = _method("method.kmeans_weighting=none").prepare(linears, start, data)
     disagree = sum(int((unweighted_ranking[n].candidates[0] != start[n].codes.long()).sum()) for n in linears)
     assert disagree > 0.05 * sum(start[n].codes.numel() for n in linears)

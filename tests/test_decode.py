@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vq4dit.quant import decode
+from vq4dit.quant.quantized_linear import decode_once
 from vq4dit.quant.uniform_linear import UniformLinear
 from vq4dit.quant.vq_linear import VQLinear
 
@@ -80,7 +81,7 @@ def test_decode_once_replaces_every_quantized_layer():
     model = nn.Sequential(vq_layer(32, 16, 16, 2), nn.GELU(), uniform_layer(16, 32, 4, 8, False)).requires_grad_(False)
     x = torch.randn(3, 16)
     per_forward = model(x)
-    decode.decode_once(model, torch.float32)
+    decode_once(model, torch.float32)
     assert [type(m) for m in model] == [nn.Linear, nn.GELU, nn.Linear]
     torch.testing.assert_close(model(x), per_forward, rtol=1e-6, atol=1e-6)
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from vq4dit.calibration.pipeline import default_trainer
+from vq4dit.cli.evaluate import evaluate
+from vq4dit.cli.quantize import quantize
 from vq4dit.devices import available_devices, lightning_accelerator, resolve_device, resolve_devices
 from vq4dit.errors import UserError
-from vq4dit.evaluate import evaluate
-from vq4dit.quantize import quantize
 
 MISSING = f"cuda:{torch.cuda.device_count()}"  # one past the last CUDA device: absent on every machine
 

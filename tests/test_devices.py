@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from vq4dit.calibration.block_calibration import BlockCalibration
-from vq4dit.calibration.block_data import BlockData, with_layers
 from vq4dit.errors import instantiate
 from vq4dit.methods import FitSettings, VQ4DiT
+from vq4dit.methods.block_data import BlockData, with_layers
 from vq4dit.quant.block_layers import block_linears
 from vq4dit.quant.presets import VQPreset
 from vq4dit.quant.vq_linear import SoftVQLinear
@@ -49,7 +49,8 @@ def test_calibration_scores_on_the_students_device_not_on_lightnings(block_and_r
     where the student is (here it runs until `.item()`, the first numeric read, which meta cannot answer)."""
     block, rows = block_and_rows
     student = copy.deepcopy(block)
-    layers = {name: SoftVQLinear.from_linear(linear, 16, 2, 2, iters=5) for name, linear in block_linears(block).items()}
+    layers = {name: SoftVQLinear.from_linear(linear, 16, 2, 2, iters=5)
+              for name, linear in block_linears(block).items()}
     student = with_layers(student, layers).to(META)
     data = BlockData(copy.deepcopy(block).to(META), 0, rows, rows, META, seed=0)
     module = BlockCalibration(student, layers, VQ4DiT(VQPreset(k=16, d=2)), FitSettings(), data)
@@ -60,7 +61,8 @@ def test_calibration_scores_on_the_students_device_not_on_lightnings(block_and_r
 
 def test_a_training_step_touches_only_the_students_device(block_and_rows):
     block, rows = block_and_rows
-    layers = {name: SoftVQLinear.from_linear(linear, 16, 2, 2, iters=5) for name, linear in block_linears(block).items()}
+    layers = {name: SoftVQLinear.from_linear(linear, 16, 2, 2, iters=5)
+              for name, linear in block_linears(block).items()}
     student = with_layers(copy.deepcopy(block), layers).to(META)
     layers = {name: student.get_submodule(name) for name in layers}
     data = BlockData(copy.deepcopy(block).to(META), 0, rows, rows, META, seed=0)

@@ -65,7 +65,8 @@ def fresh_outputs(tmp_path: Path, folders: list[Path], inputs: dict, vq4dit_firs
 def quantized_checkpoints(tmp_path_factory):
     """The tiny DiT quantized by k-means VQ and by RTN on its own zero-data pool, saved as project checkpoints."""
     out = {}
-    for name, method in {"kmeans": KMeansVQ(VQPreset(k=16, d=2)), "rtn": RTN(UniformPreset(bits=3, group_size=32))}.items():
+    for name, method in {"kmeans": KMeansVQ(VQPreset(k=16, d=2)),
+                         "rtn": RTN(UniformPreset(bits=3, group_size=32))}.items():
         model = tied_tiny()
         sampler = Sampler(DDIMScheduler(beta_schedule="linear", clip_sample=False), steps=4, guidance_scale=1.5,
                           batch_size=8)
@@ -83,7 +84,8 @@ def test_plain_from_pretrained_in_a_fresh_interpreter_equals_the_project_loader(
         cfg = compose_cfg("export", f"ckpt={ckpt}", f"out={tmp_path / name}")
         folders.append(export(cfg))
     config = json.loads((folders[0] / "config.json").read_text())
-    assert config["_class_name"] == "DiTTransformer2DModel" and config["quantization_config"]["quant_method"] == "vq4dit"
+    assert (config["_class_name"] == "DiTTransformer2DModel"
+            and config["quantization_config"]["quant_method"] == "vq4dit")
     assert config["quantization_config"]["timestep_shift"] == 0  # the original DiT's, which diffusers does not build
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 999]), torch.tensor([1, 2, 10])
     for order in (True, False):  # `import vq4dit` before and after diffusers

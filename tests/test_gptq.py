@@ -41,7 +41,8 @@ def test_hessian_is_two_over_n_xtx():
     torch.testing.assert_close(_hessian().double(), 2 / len(X) * X.double().T @ X.double(), rtol=1e-5, atol=1e-5)
 
 
-SETTINGS = [pytest.param(s, id=f"w{s['bits']}-g{s['groupsize']}-act{int(s['act_order'])}") for s in REFERENCE["settings"]]
+SETTINGS = [pytest.param(s, id=f"w{s['bits']}-g{s['groupsize']}-act{int(s['act_order'])}")
+            for s in REFERENCE["settings"]]
 
 
 @pytest.mark.parametrize("setting", SETTINGS)

@@ -9,7 +9,7 @@ import torch
 from scipy import linalg
 from scipy.spatial.distance import cdist
 from scipy.special import softmax
-from stand_in_inception import POOL, SPATIAL, StandInInception, stand_in_features
+from stand_in_inception import POOL, SPATIAL, stand_in_features
 from torch import nn
 
 from vq4dit.errors import UserError
@@ -43,7 +43,7 @@ def brute_precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 
 
     cross = cdist(samples, reference, "sqeuclidean")
     precision = (cross <= radii(reference)[None]).any(1).mean()
-    recall = (cross.T <= radii(samples)[None]).any(1).mean()
+    recall = (radii(samples)[None] >= cross.T).any(1).mean()
     return float(precision), float(recall)
 
 

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
 from vq4dit.calibration.model_fit import ModelCalibration, ModelFitSettings, fit_model, model_outputs
@@ -14,8 +15,6 @@ from vq4dit.errors import UserError, instantiate
 from vq4dit.methods import KMeansVQ
 from vq4dit.quant.presets import VQPreset
 from vq4dit.quant.vq_linear import VQLinear
-
-from conftest import ROOT
 
 META = torch.device("meta")
 

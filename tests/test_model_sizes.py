@@ -108,9 +108,9 @@ def test_original_checkpoint_quantizes_saves_reloads_and_samples(compose_cfg, va
                                                                 name):
     """load (original layout) -> quantize (train.py's job, RTN 4-bit groups of 64: every family's widths divide)
     -> save -> load (eval.py's loader, from the manifest) -> sample through the VAE, for each size family."""
-    from vq4dit.evaluate import load_model
+    from vq4dit.cli.evaluate import load_model
+    from vq4dit.cli.quantize import quantize
     from vq4dit.quant.checkpoint import save_quantized
-    from vq4dit.quantize import quantize
 
     size, patch, _ = CONFIGS[name]
     depth, hidden, heads = ORIGINAL[size]
@@ -125,7 +125,7 @@ def test_original_checkpoint_quantizes_saves_reloads_and_samples(compose_cfg, va
                         "pool.trajectories=4", "pool.size=16", "pool.heldout_trajectories=2", "pool.heldout_size=8",
                         "log_samples=0")
     made = []
-    monkeypatch.setattr("vq4dit.quantize.save_quantized",
+    monkeypatch.setattr("vq4dit.calibration.pipeline.save_checkpoint",
                         lambda model, *args: made.append(model) or save_quantized(model, *args))
     ckpt = quantize(train)
     fp = instantiate(train.model)

@@ -7,14 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from vq4dit.calibration.block_data import BlockData
 from vq4dit.errors import UserError, instantiate
 from vq4dit.methods import PTQ4DiT
+from vq4dit.methods.block_data import BlockData
 from vq4dit.quant.adaround_linear import AdaRoundLinear
-from vq4dit.quant.block_layers import block_linears
 from vq4dit.quant.presets import ActPreset, UniformPreset
-from vq4dit.quant.salience_balancing import (BALANCED, balancing_factors, check_foldable, fold_balancing,
-                                             spearman_weights)
+from vq4dit.quant.salience_balancing import (
+    BALANCED,
+    balancing_factors,
+    check_foldable,
+    fold_balancing,
+    spearman_weights,
+)
 from vq4dit.quant.uniform_linear import UniformLinear
 
 
@@ -115,7 +119,8 @@ def test_transform_on_pool_rows_keeps_outputs_and_balances_the_inputs(tiny):
     # qkv's input channels now peak at sqrt(s_X * s_W) of the timestep-weighted salience: closer together
     peaks = {}
     for tag, b in (("before", before), ("after", block)):
-        h = b.attn1.to_q.register_forward_pre_hook(lambda _, a, tag=tag: peaks.__setitem__(tag, a[0].abs().amax((0, 1))))
+        h = b.attn1.to_q.register_forward_pre_hook(
+            lambda _, a, tag=tag: peaks.__setitem__(tag, a[0].abs().amax((0, 1))))
         with torch.no_grad():
             b(x, timestep=t, class_labels=y)
         h.remove()

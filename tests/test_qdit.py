@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vq4dit.cli.quantize import quantize
 from vq4dit.errors import UserError
 from vq4dit.quant.act_quantizer import input_quantizer_of
 from vq4dit.quant.checkpoint import load_quantized
-from vq4dit.quantize import quantize
 from vq4dit.search import candidate_score
 from vq4dit.search.evolution import EvolutionSearch, SearchSettings
 from vq4dit.search.group_sizes import GroupSizeSpace, scale_group_size
@@ -124,10 +124,12 @@ def test_a_saved_search_is_reused_and_a_rerun_resumes_it(searched, compose_cfg, 
     cfg, ckpt, tmp = searched
     scored = []
     original = candidate_score.CandidateScore.__call__
-    monkeypatch.setattr(candidate_score.CandidateScore, "__call__", lambda self, m: scored.append(1) or original(self, m))
+    monkeypatch.setattr(candidate_score.CandidateScore, "__call__",
+                        lambda self, m: scored.append(1) or original(self, m))
     rerun = quantize(compose_cfg("train", *FAST, *SEARCH, f"paths.log_dir={tmp / 'logs'}"))  # same cache key
     assert not scored  # every candidate's score came from the saved state
-    reused = quantize(compose_cfg("train", *FAST, *SEARCH, f"method.group_sizes={ckpt.parent / 'qdit_group_sizes.json'}",
+    reused = quantize(compose_cfg("train", *FAST, *SEARCH,
+                                  f"method.group_sizes={ckpt.parent / 'qdit_group_sizes.json'}",
                                   f"paths.output_dir={tmp_path / 'reused'}"))
     assert not scored
     first = load_file(ckpt / "model.safetensors")

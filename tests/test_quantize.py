@@ -13,11 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vq4dit.calibration import block_calibration
+from vq4dit.cli.quantize import quantize
 from vq4dit.errors import UserError
 from vq4dit.quant.checkpoint import load_quantized, quantized_layers
 from vq4dit.quant.uniform_linear import UniformLinear
 from vq4dit.quant.vq_linear import VQLinear
-from vq4dit.quantize import quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["model=dit_tiny", "fit.iterations=12", "pool.trajectories=4", "pool.size=96",
@@ -49,7 +49,7 @@ def checkpoints(tmp_path_factory):
         return result
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("vq4dit.quantize.quantize_model", keep)
+        mp.setattr("vq4dit.cli.quantize.quantize_model", keep)
         for method in SETTINGS:
             tmp = tmp_path_factory.mktemp(method)
             with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
@@ -96,7 +96,7 @@ def test_manifest_records_layer_types_and_sizes_equal_the_file(checkpoints, meth
 def test_quantized_weights_take_only_allowed_values(checkpoints, method):
     cfg, ckpt, _ = checkpoints[method]
     model = load_quantized(ckpt, cfg.model)
-    for name, layer in quantized_layers(model).items():
+    for _name, layer in quantized_layers(model).items():
         w = layer.dequantize()
         if isinstance(layer, VQLinear):  # every sub-vector is one of the k codewords
             codebook = layer.codebook.detach()
@@ -185,21 +185,22 @@ def test_interrupted_run_resumes_to_the_same_checkpoint(compose_cfg, tmp_path, m
     """Bit-identical at one CPU thread, train.py's default (`threads`; README, "Reliability": two threads did not
     give the same bytes twice)."""
     fast = [*FAST, *SMALL_VQ]
-    whole = quantize(compose_cfg("train", *fast, f"paths.log_dir={tmp_path / 'a'}", f"paths.output_dir={tmp_path / 'a/run'}"))
+    whole = quantize(compose_cfg("train", *fast, f"paths.log_dir={tmp_path / 'a'}",
+                                 f"paths.output_dir={tmp_path / 'a/run'}"))
 
-    class Crash(Exception):
+    class CrashError(Exception):
         pass
 
     original = block_calibration.BlockCalibration.training_step
 
     def crash_in_block_1(self, batch, batch_idx):
         if self.block_index == 1:
-            raise Crash()
+            raise CrashError()
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(block_calibration.BlockCalibration, "training_step", crash_in_block_1)
     b = [f"paths.log_dir={tmp_path / 'b'}"]
-    with pytest.raises(Crash):
+    with pytest.raises(CrashError):
         quantize(compose_cfg("train", *fast, *b, f"paths.output_dir={tmp_path / 'b/run1'}"))
     cached = sorted(p.name for p in (tmp_path / "b/train/cache").glob("*/block_*.safetensors"))
     assert cached == ["block_000.safetensors"]  # block 0 saved, block 1 not (no half block)
@@ -267,7 +268,8 @@ def test_vq_layers_hold_codes_in_the_smallest_dtype(compose_cfg):
 def test_block_error_falls_as_bits_rise(compose_cfg, tmp_path, method, presets):
     errors = []
     for preset in presets:
-        cfg = compose_cfg("train", *FAST, f"method={method}", f"quant={preset}", f"paths.output_dir={tmp_path / preset}")
+        cfg = compose_cfg("train", *FAST, f"method={method}", f"quant={preset}",
+                          f"paths.output_dir={tmp_path / preset}")
         if preset.endswith("g64"):
             cfg.quant.group_size = 32  # divides the tiny model's widths (64 and 256)
         blocks = json.loads((quantize(cfg) / "manifest.json").read_text())["blocks"]

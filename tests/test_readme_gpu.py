@@ -20,17 +20,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from reference_dit import random_original_state_dict  # noqa: E402
 from stand_in_inception import stand_in_features  # noqa: E402
 
-from vq4dit.estimate import estimate  # noqa: E402
-from vq4dit.evaluate import evaluate  # noqa: E402
-from vq4dit.quantize import quantize  # noqa: E402
+from vq4dit.cli.estimate import estimate  # noqa: E402
+from vq4dit.cli.evaluate import evaluate  # noqa: E402
+from vq4dit.cli.quantize import quantize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTION = "### Quantize DiT-XL/2 on a GPU"
+SECTION = "## Quantize DiT-XL/2 on a GPU"
 SIDE, PIXELS, HEADS, HEAD_DIM, SAMPLES = 4, 32, 16, 4, 40
 
 
 def readme_commands() -> list[tuple[str, list[str]]]:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "imagenet-gpu.md").read_text()
     block = text[text.index(SECTION):].split("```bash\n", 1)[1].split("```", 1)[0]
     lines = block.replace("\\\n", " ").splitlines()
     commands = [shlex.split(line) for line in lines if re.match(r"python (train|eval)\.py ", line)]

@@ -19,18 +19,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 from reference_dit import random_original_state_dict  # noqa: E402
 from stand_in_inception import stand_in_features  # noqa: E402
 
+from vq4dit.cli.evaluate import evaluate  # noqa: E402
 from vq4dit.errors import UserError, instantiate  # noqa: E402
-from vq4dit.evaluate import evaluate  # noqa: E402
 from vq4dit.sampling import balanced_labels  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTION = "### DiT-XL/2 and the other ImageNet DiTs"
+SECTION = "## DiT-XL/2 and the other ImageNet DiTs"
 SIDE, PIXELS, SAMPLES = 4, 32, 40  # latent side, image side (VAE: 8x), samples (> the 28 spatial features)
 
 
 def readme_commands() -> list[tuple[str, list[str]]]:
     """(task, overrides) of the `python train.py` / `python eval.py` lines of the section's first code block."""
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "imagenet-gpu.md").read_text()
     block = text[text.index(SECTION):].split("```bash\n", 1)[1].split("```", 1)[0]
     lines = block.replace("\\\n", " ").splitlines()  # backslash continuations joined
     commands = [shlex.split(line) for line in lines if re.match(r"python (train|eval)\.py ", line)]

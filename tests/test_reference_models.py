@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from vq4dit.calibration.block_data import BlockData
 from vq4dit.calibration.pipeline import default_trainer, quantize_block
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs
+from vq4dit.cli.evaluate import load_model, sample_and_score
+from vq4dit.cli.quantize import build_method
 from vq4dit.errors import instantiate
-from vq4dit.evaluate import load_model, sample_and_score
 from vq4dit.methods import FitSettings
-from vq4dit.quantize import build_method
+from vq4dit.methods.block_data import BlockData
 
 
 def test_calibration_beats_plain_kmeans_on_a_reference_block(compose_cfg):
@@ -24,10 +24,10 @@ def test_calibration_beats_plain_kmeans_on_a_reference_block(compose_cfg):
                                heldout_size=64, progress=False)
     assert (pool.num_train, len(pool)) == (320, 384)  # 8 trajectories x 20 steps x (labels, null label), + 64
     device = torch.device("cpu")
-    pool.advance(model.blocks[0], device)
+    hidden = pool.block_outputs(model.blocks[0], device)  # block 1's inputs
     block = model.blocks[1]
-    targets = pool.block_outputs(block, device)
-    rows = lambda part: (pool.hidden[part], pool.timesteps[part], pool.labels[part], targets[part])  # noqa: E731
+    targets = pool.block_outputs(block, device, hidden)
+    rows = lambda part: (hidden[part], pool.timesteps[part], pool.labels[part], targets[part])  # noqa: E731
     data = BlockData(copy.deepcopy(block), 1, rows(pool.train_rows), rows(pool.heldout_rows), device, seed=0)
     fit = FitSettings(iterations=100)
     trainer = default_trainer(device, trainer=instantiate(cfg.trainer))

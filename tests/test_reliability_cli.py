@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vq4dit.models.dit import build_transformer
+from vq4dit.quant.checkpoint import DIGESTS, TensorFile, tensor_digests
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=dit_tiny", "fit.iterations=4", "pool.trajectories=2", "pool.size=32", "pool.heldout_trajectories=1",
@@ -210,11 +211,14 @@ def test_eval_into_a_finished_eval_folder_leaves_it_as_it_was(tmp_path):
 
 
 def _tampered(finished_run: Path, tmp_path: Path, edit) -> Path:
+    """A copy whose manifest and tensors went through `edit`, with the tensors' digests rewritten to match: the
+    checks behind the digest (a writer that got its records wrong, not a damaged file)."""
     ckpt = tmp_path / "ckpt"
     shutil.copytree(finished_run / "checkpoint", ckpt)
     manifest = json.loads((ckpt / "manifest.json").read_text())
     tensors = load_file(ckpt / "model.safetensors")
     edit(manifest, tensors)
+    manifest[DIGESTS] = tensor_digests(tensors)
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
     save_file(tensors, ckpt / "model.safetensors")
     return ckpt
@@ -262,3 +266,27 @@ def test_a_checkpoint_whose_manifest_and_tensors_disagree_is_refused(finished_ru
     ckpt = _tampered(finished_run, tmp_path, edit)
     assert_refused(cli("eval.py", "model=dit_tiny", f"ckpt={ckpt}", logs=tmp_path / "logs"), *named)
     no_run_folder(tmp_path / "logs")
+
+
+def flip_a_byte_of(ckpt: Path, tensor: str, file: str = "model.safetensors") -> None:
+    """One bit of `tensor`'s data in the file flipped in place (the header, and so the file's layout, unchanged):
+    what a bad disk or a bad copy does."""
+    path = ckpt / file
+    with TensorFile(path) as f:
+        begin, end = f.header[tensor]["data_offsets"]
+        start = f.start
+    data = bytearray(path.read_bytes())
+    data[start + (begin + end) // 2] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("script", ["eval.py", pytest.param("export.py", marks=pytest.mark.slow)])
+def test_a_flipped_byte_of_a_code_tensor_is_refused_naming_it(finished_run, tmp_path, script):
+    """Before the digest such a file loaded silently (a few codes of one layer pointing at other codewords)."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(finished_run / "checkpoint", ckpt)
+    flip_a_byte_of(ckpt, f"{LAYER}.codes_packed")
+    args = ["model=dit_tiny", f"ckpt={ckpt}"] + ([f"out={tmp_path / 'exported'}"] if script == "export.py" else [])
+    assert_refused(cli(script, *args, logs=tmp_path / "logs"), f"{LAYER}.codes_packed", "sha256")
+    no_run_folder(tmp_path / "logs")
+    assert not (tmp_path / "exported").exists()

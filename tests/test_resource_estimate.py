@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from vq4dit.calibration.block_cost import forward_flops
+from vq4dit.cli.estimate import estimate
+from vq4dit.cli.quantize import quantize
 from vq4dit.errors import UserError
-from vq4dit.estimate import estimate
 from vq4dit.models.dit import build_transformer
-from vq4dit.quantize import quantize
 
 SMALL = ["model=dit_tiny", "fit.iterations=60", "pool.trajectories=8", "pool.size=256", "pool.heldout_size=64",
          "sampler.steps=10", "log_samples=0", "trainer.enable_progress_bar=false", "quant.k=16", "quant.d=2"]
@@ -42,7 +42,7 @@ def test_estimate_is_within_2x_of_a_measured_run(compose_cfg, tmp_path, monkeypa
     assert not (tmp_path / "run").exists() and not (tmp_path / "logs").exists()  # a dry run writes nothing
 
     pools = []
-    import vq4dit.quantize as job
+    import vq4dit.cli.quantize as job
     original = job.quantize_model
 
     def keep(model, method, pool, **kwargs):

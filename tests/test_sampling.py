@@ -17,7 +17,8 @@ def tiny(compose_cfg):
     """(compose(sampler, *overrides) -> Sampler, the dit_tiny model: learned sigma, 3 guided channels)."""
 
     def sampler(name: str = "ddim", *overrides: str) -> Sampler:
-        cfg = compose_cfg("eval", "model=dit_tiny", "ckpt=none", "model.weights=null", f"sampler={name}", "sampler.steps=3",
+        cfg = compose_cfg("eval", "model=dit_tiny", "ckpt=none", "model.weights=null", f"sampler={name}",
+                          "sampler.steps=3",
                           "sampler.batch_size=4", *overrides)
         return instantiate(cfg.sampler)
 
@@ -90,7 +91,7 @@ def test_without_guidance_the_model_runs_once_per_step_on_the_labels(tiny):
     calls, hooked = _count_calls(model), []
     sampler.sample(model, labels, seed=0, progress=False, on_step=lambda x, t, y: hooked.append((x, t, y)))
     assert len(calls) == len(hooked) == 3
-    for (x, t, y), (hx, ht, hy) in zip(calls, hooked):
+    for (x, _t, y), (hx, _ht, hy) in zip(calls, hooked):
         assert len(x) == N and torch.equal(y, labels) and torch.equal(x, hx) and torch.equal(hy, y)
     timesteps = [int(t[0]) for _, t, _ in calls]
     assert timesteps == sorted(timesteps, reverse=True) and len(set(timesteps)) == 3
@@ -195,7 +196,8 @@ def adm_p_sample(eps, v, x, t: int, prev: int, alphas_cumprod: np.ndarray, noise
 
 @pytest.mark.parametrize("steps", [250, 100, 50])
 def test_learned_sigma_preset_is_adm_respaced_p_sample(compose_cfg, steps):
-    cfg = compose_cfg("eval", "model=dit_tiny", "ckpt=none", "model.weights=null", "sampler=ddpm_learned_sigma", f"sampler.steps={steps}")
+    cfg = compose_cfg("eval", "model=dit_tiny", "ckpt=none", "model.weights=null", "sampler=ddpm_learned_sigma",
+                      f"sampler.steps={steps}")
     sampler = instantiate(cfg.sampler)
     assert sampler.guidance_scale == 1.5 and sampler.steps == steps
     scheduler = sampler.scheduler

@@ -3,12 +3,12 @@
 import torch
 
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs
+from vq4dit.cli.evaluate import sample_and_score
+from vq4dit.cli.quantize import quantize
 from vq4dit.errors import instantiate
-from vq4dit.evaluate import sample_and_score
 from vq4dit.quant.checkpoint import load_quantized
 from vq4dit.sampling import Sampler
 from vq4dit.seeds import stream_seed
-from vq4dit.quantize import quantize
 
 FAST = ["model=dit_tiny", "method=kmeans", "quant.k=16", "quant.d=2", "pool.trajectories=4", "pool.size=24",
         "pool.heldout_trajectories=2", "pool.heldout_size=16", "sampler.steps=4", "log_samples=0"]

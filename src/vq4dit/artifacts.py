@@ -8,9 +8,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 
 from vq4dit.errors import UserError
+from vq4dit.files import save_safetensors
 
 
 def fresh(path: Path) -> Path:
@@ -64,5 +64,5 @@ def save_png(path: Path, array: np.ndarray, upscale: int = 1) -> None:
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     fresh(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    save_safetensors({k: v.contiguous() for k, v in tensors.items()}, tmp)
     os.replace(tmp, path)

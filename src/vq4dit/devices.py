@@ -2,6 +2,8 @@
 spread over several). Everything a job touches goes to `torch.device(device)`; Lightning gets the same device as
 its accelerator and device list. A device this machine does not have is refused in one line, before any work."""
 
+import os
+
 import torch
 
 from vq4dit.errors import UserError
@@ -39,6 +41,9 @@ def resolve_devices(spec: str | torch.device, devices: int | list[int] | tuple[i
         if device.index is not None:
             raise UserError(f"device={spec} names one device but devices={devices}; give device={device.type} "
                             f"devices={devices} (or devices=[i, j, ...] to choose them)")
+        cores = os.cpu_count() or 1
+        if device.type == "cpu" and devices > cores:  # each is a process calibrating blocks: at most one a core
+            raise UserError(f"devices={devices} CPU processes on a machine with {cores} cores; valid: 1..{cores}")
         names = [device.type] * devices if device.type == "cpu" else [f"{device.type}:{i}" for i in range(devices)]
     else:
         indices = list(devices)

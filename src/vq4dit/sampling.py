@@ -31,6 +31,13 @@ class Sampler:
         self.scheduler, self.steps, self.guidance_scale = scheduler, steps, guidance_scale
         self.batch_size, self.device, self.precision = batch_size, torch.device(device), precision
 
+    def record(self) -> dict:
+        """What determines the samples (not the batch size or device): the scheduler's class and config, the
+        steps, guidance and precision."""
+        config = {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
+        return {"scheduler": {"class": type(self.scheduler).__name__, **config}, "steps": self.steps,
+                "guidance_scale": self.guidance_scale, "precision": self.precision}
+
     @torch.no_grad()
     def sample(self, model: ConditionalDiT, labels: torch.Tensor, seed: int, progress: bool = True,
                on_step: StepHook | None = None, decode: bool = True) -> torch.Tensor:

@@ -9,12 +9,11 @@ method (`vq4dit.methods.base.Method`); this module never asks which method it ru
 """
 
 import lightning as L
-import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vq4dit.calibration.block_data import BlockData
 from vq4dit.methods.base import FitSettings, Method
+from vq4dit.methods.block_data import BlockData
 
 
 class BlockCalibration(L.LightningModule):

@@ -26,9 +26,9 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from vq4dit.calibration.block_calibration import BlockCalibration
-from vq4dit.calibration.block_data import BlockData
 from vq4dit.calibration.pipeline import BlockTrainers, quantize_block
 from vq4dit.methods.base import FitSettings, Method
+from vq4dit.methods.block_data import BlockData
 from vq4dit.precision import autocast
 
 META = torch.device("meta")
@@ -77,7 +77,7 @@ class _CountingData(BlockData):
         return super().observe_inputs(*args, **kwargs)
 
 
-class _StepTimer(L.Callback):
+class StepTimer(L.Callback):
     """Times the fit's steps (start to start, so the method's per-step hooks are in) and keeps the fitted module."""
 
     def __init__(self, device: torch.device):
@@ -113,7 +113,7 @@ def measure_block(block: nn.Module, tokens: int, num_classes: int, method: Metho
     with torch.no_grad(), autocast(device, precision):
         target = block(x.to(device), timestep=t.to(device), class_labels=y.to(device)).float().cpu()
     data = _CountingData(block, 0, (x, t, y, target), (x, t, y, target), device, seed, precision=precision)
-    timer = _StepTimer(device)
+    timer = StepTimer(device)
     trainers = BlockTrainers(device, None, trainer or partial(L.Trainer, enable_model_summary=False), precision)
     short = replace(fit, iterations=steps + 2)
     if device.type == "cuda":
@@ -130,7 +130,8 @@ def measure_block(block: nn.Module, tokens: int, num_classes: int, method: Metho
     student = _Counts()
     if method.fits:
         student = _count_step(timer.module, (x, t, y, target))
-    return BlockCost(row_flops=row_flops, step_flops=student.flops, step_bytes=student.moved_bytes, row_seconds=row_seconds,
+    return BlockCost(row_flops=row_flops, step_flops=student.flops, step_bytes=student.moved_bytes,
+                     row_seconds=row_seconds,
                      step_seconds=step_seconds, fixed_seconds=max(fixed, 0.0), train_passes=data.train_passes,
                      heldout_passes=data.heldout_passes, block_bytes=_module_bytes(block),
                      student_bytes=student.layer_bytes, gradient_bytes=student.gradient_bytes,

@@ -13,6 +13,7 @@ model's fp32 size plus the pool's: 5.4 GB at DiT-XL/2; in a container give it `-
 
 import copy
 import tempfile
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -25,10 +26,12 @@ from vq4dit.methods.base import FitSettings, Method
 from vq4dit.models import ConditionalDiT
 
 
-def quantize_blocks_in_parallel(model: ConditionalDiT, method: Method, pool: ZeroDataBlockInputs,
+def quantize_blocks_in_parallel(quantize: Callable, model: ConditionalDiT, method: Method, pool: ZeroDataBlockInputs,
                                 devices: list[torch.device], *, precision: str, seed: int, fit: FitSettings,
                                 student_inputs: str, cache: BlockCache | None, trainer, progress: bool) -> BlockCache:
-    """Fill `cache` (a temporary one if None) with every block of `model`, quantized by one process per device."""
+    """Fill `cache` (a temporary one if None) with every block of `model`, quantized by one process per device;
+    each process calls `quantize` (the pipeline's `quantize_model`, a module-level function: it is pickled) on
+    its share of the blocks."""
     check_spreadable(student_inputs, len(devices))
     if cache is None:
         cache = BlockCache(tempfile.mkdtemp(prefix="vq4dit-blocks-"))
@@ -39,8 +42,8 @@ def quantize_blocks_in_parallel(model: ConditionalDiT, method: Method, pool: Zer
     home = next(model.transformer.parameters()).device
     blocks_only = ConditionalDiT(model.transformer.cpu(), model.name, model.guided_channels, None,
                                  model.latent_scale)
-    job = _Share(blocks_only, method, pool, dict(precision=precision, seed=seed, fit=fit, cache=cache,
-                                                 trainer=trainer, progress=progress))
+    job = _Share(quantize, blocks_only, method, pool, dict(precision=precision, seed=seed, fit=fit, cache=cache,
+                                                           trainer=trainer, progress=progress))
     try:
         fabric.launch(_quantize_share, job)
     finally:
@@ -59,14 +62,13 @@ class _Share:
     """What every process receives. A plain object, not a dataclass: Lightning's launcher walks dataclasses
     (and refuses frozen ones) to unshare modules; each process takes its own copy of the model instead."""
 
-    def __init__(self, model: ConditionalDiT, method: Method, pool: ZeroDataBlockInputs, settings: dict):
-        self.model, self.method, self.pool, self.settings = model, method, pool, settings
+    def __init__(self, quantize: Callable, model: ConditionalDiT, method: Method, pool: ZeroDataBlockInputs,
+                 settings: dict):
+        self.quantize, self.model, self.method, self.pool, self.settings = quantize, model, method, pool, settings
 
 
 def _quantize_share(fabric: L.Fabric, job: _Share) -> None:
     """One process: blocks rank, rank + world, ... of the model on this process's device, into the cache."""
-    from vq4dit.calibration.pipeline import quantize_model  # (the pipeline imports this module)
-
     device, settings = fabric.device, dict(job.settings)
     # its own copy: the shared-memory weights must not change under the other processes (methods may edit the
     # fp block, e.g. folding scales into it)
@@ -75,6 +77,6 @@ def _quantize_share(fabric: L.Fabric, job: _Share) -> None:
     trainer = settings.pop("trainer")
     trainer = trainer.on(device) if hasattr(trainer, "on") else trainer
     progress = settings.pop("progress") and fabric.global_rank == 0
-    quantize_model(model, job.method, job.pool, device=device, trainer=trainer, progress=progress,
+    job.quantize(model, job.method, job.pool, device=device, trainer=trainer, progress=progress,
                    blocks=set(mine), **settings)
     fabric.barrier()

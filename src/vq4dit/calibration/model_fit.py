@@ -15,32 +15,26 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-from vq4dit.errors import UserError
 from vq4dit.models import ConditionalDiT
 from vq4dit.precision import autocast
 from vq4dit.quant.quantized_linear import QuantizedLinear
 from vq4dit.seeds import generator
+from vq4dit.settings import check_settings, setting
 
 
 @dataclass(frozen=True)
 class ModelFitSettings:
-    iterations: int | None = None  # 0: no model-level fit; None: the method's choice (`Method.model_fit_iterations`)
-    batch_size: int = 16
-    lr: float = 3e-5
-    rmsprop_alpha: float = 0.9
-    log_every: int = 10
+    """The model-level fit after the block loop (configs/model_fit/: default, none, outputs)."""
+
+    # 0: no model-level fit; None: the method's choice (`Method.model_fit_iterations`)
+    iterations: int | None = setting(None, low=0)
+    batch_size: int = setting(16, low=1)
+    lr: float = setting(3e-5, low=0, low_open=True)  # measured: benchmarks/results/ablation-model-fit
+    rmsprop_alpha: float = setting(0.9, low=0, high=1, low_open=True, high_open=True)
+    log_every: int = setting(10, low=1)
 
     def __post_init__(self):
-        for name in ("batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"model_fit.{name}={getattr(self, name)}; valid: a positive integer")
-        if self.iterations is not None and self.iterations < 0:
-            raise UserError(f"model_fit.iterations={self.iterations}; valid: 0 (off), a positive integer, or null "
-                            "(the method's choice)")
-        if not self.lr > 0:
-            raise UserError(f"model_fit.lr={self.lr}; valid: a positive learning rate")
-        if not 0 < self.rmsprop_alpha < 1:
-            raise UserError(f"model_fit.rmsprop_alpha={self.rmsprop_alpha}; valid: a value in (0, 1)")
+        check_settings(self, "model_fit")
 
 
 def resolved(settings: "ModelFitSettings | None", method) -> "ModelFitSettings":

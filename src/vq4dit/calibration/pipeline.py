@@ -19,7 +19,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -30,20 +30,21 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
-from vq4dit.calibration.block_calibration import BlockCalibration
 from vq4dit.calibration.block_cache import BlockCache
-from vq4dit.calibration.block_data import BlockData, with_layers
+from vq4dit.calibration.block_calibration import BlockCalibration
 from vq4dit.calibration.block_parallel import quantize_blocks_in_parallel
 from vq4dit.calibration.model_fit import ModelFitSettings, fit_model, model_outputs, resolved
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs
 from vq4dit.devices import fits_on, lightning_accelerator, resolve_devices
 from vq4dit.errors import UserError
 from vq4dit.methods.base import FitSettings, Method, RunContext
+from vq4dit.methods.block_data import BlockData, with_layers
 from vq4dit.models import ConditionalDiT
 from vq4dit.precision import LIGHTNING, autocast, check_precision
 from vq4dit.quant.act_quantizer import attach_input_quantizer
 from vq4dit.quant.attention_quantizer import install_attention_quantizers
 from vq4dit.quant.block_layers import block_linears, replace_layer
+from vq4dit.quant.checkpoint import save_quantized as save_checkpoint
 from vq4dit.quant.quantized_linear import QuantizedLinear
 from vq4dit.seeds import generator
 
@@ -54,11 +55,36 @@ STUDENT_INPUTS = ("fp", "quantized")
 
 @dataclass
 class QuantizationResult:
+    """A quantized model with what made it: `manifest()` is the record its checkpoint carries
+    (`vq4dit.api.save_quantized`)."""
+
     model: ConditionalDiT
+    method: Method
+    fit: FitSettings | None   # the block fit's settings (None: the method does not fit)
+    pool: dict                # the calibration pool: its settings, resolved, and its sampler
+    seed: int
+    precision: str
     blocks: list[dict] = field(default_factory=list)  # per block: start / shipped held-out MSE, which was kept
-    model_fit: dict | None = None  # the model-level fit's held-out output MSE before and after, which was kept
+    model_fit: dict | None = None  # the model-level fit's settings, held-out output MSE before and after, kept
     student_inputs: str = "fp"     # what the blocks' students saw (pool.student_inputs, resolved)
-    seconds: float = 0.0
+    threads: int = 1               # torch's CPU threads during the run (results differ in the last bits across)
+    seconds: float = 0.0           # wall time of the calibration (not in the manifest: it differs run to run)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase: model-level step, blocks, model fit
+
+    def manifest(self) -> dict:
+        """Method, settings, fit, pool, seed and per-block records as the checkpoint stores them. Only what the
+        run computed from: two runs of the same settings write the same manifest."""
+        return {"model": self.model.config_record(), "method": self.method.record(),
+                "fit": asdict(self.fit) if self.fit is not None else None,
+                "pool": {k: v for k, v in self.pool.items() if k != "sampler"},
+                "sampler": self.pool["sampler"], "seed": self.seed, "precision": self.precision,
+                "threads": self.threads, "blocks": self.blocks,
+                **({"model_fit": self.model_fit} if self.model_fit else {})}
+
+    def save(self, folder: Path | str, notes: dict | None = None) -> Path:
+        """The checkpoint folder with the model and `manifest()` (plus `notes`, e.g. the CLI's debug preset);
+        written under a temporary name and renamed, never over an existing folder."""
+        return save_checkpoint(self.model, Path(folder), {**self.manifest(), **(notes or {})})
 
 
 def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method, pool: ZeroDataBlockInputs, *,
@@ -88,40 +114,49 @@ def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method
                      Path(output_dir) if output_dir is not None else None, scorer, progress)
     if blocks is None:
         method.before_blocks(model, run)
+    phases = {"model-level step": time.time() - start}
     spread = resolve_devices(device, devices) if devices != 1 else [device]
     student_inputs = resolve_student_inputs(student_inputs, method, len(spread))
     if len(spread) > 1:
-        cache = quantize_blocks_in_parallel(model, method, pool, spread, precision=precision, seed=seed, fit=fit,
+        mark = time.time()
+        cache = quantize_blocks_in_parallel(quantize_model, model, method, pool, spread, precision=precision, seed=seed,
+                                            fit=fit,
                                             student_inputs=student_inputs, cache=cache, trainer=make_trainer,
                                             progress=progress)
+        phases["parallel blocks"] = time.time() - mark
     model_fit = resolved(model_fit, method)
     fits_model = model_fit.iterations > 0 and blocks is None
     if fits_model:  # the fp model's outputs on every pool row, before any block is quantized
+        mark = time.time()
         fp_outputs = model_outputs(model, (pool.inputs, pool.timesteps, pool.labels), device, precision)
-    student_hidden = pool.hidden.clone() if student_inputs == "quantized" else None
-    result = QuantizationResult(model, student_inputs=student_inputs)
+        phases["model fit"] = time.time() - mark
+    fp_hidden = pool.hidden  # the pool itself is never changed: a second call starts from the same block-0 inputs
+    student_hidden = fp_hidden.clone() if student_inputs == "quantized" else None
+    result = QuantizationResult(model, method, fit if method.fits else None, pool.record(student_inputs), seed,
+                                precision, student_inputs=student_inputs, threads=torch.get_num_threads())
+    mark = time.time()
     for i in tqdm(range(len(model.blocks)), desc="blocks", disable=not progress):
         block = model.blocks[i]
         with autocast(device, precision):
-            targets = pool.block_outputs(block, device)
+            targets = pool.block_outputs(block, device, fp_hidden)
         if blocks is not None and i not in blocks:  # another process quantizes it
-            pool.hidden = targets
+            fp_hidden = targets
             continue
         if method.activation.attention:  # after the fp targets: from here on the block attends quantized
             install_attention_quantizers([block], method.activation.record_attention())
-        inputs = pool.hidden if student_hidden is None else student_hidden
+        inputs = fp_hidden if student_hidden is None else student_hidden
         home = rows_home(device, inputs, targets)
         rows = lambda part: tuple(r.to(home) for r in (inputs[part], pool.timesteps[part], pool.labels[part],  # noqa: E731
                                                         targets[part]))
         data = BlockData(block, i, rows(pool.train_rows), rows(pool.heldout_rows), device, seed, precision=precision)
-        cached = cache.load(i, block_linears(block)) if cache is not None else None
+        cached = cache.load(i, block_linears(block), method) if cache is not None else None
         if cached is not None:
             layers, stats = cached
             log.info("block %d: resumed from %s", i, cache.folder)
         else:
             layers, stats = quantize_block(method, data, fit, make_trainer)
             if cache is not None:
-                cache.save(i, layers, stats)
+                cache.save(i, layers, stats, method)
         for name, layer in layers.items():
             replace_layer(block, name, layer.to(device))
         result.blocks.append(stats)
@@ -132,14 +167,18 @@ def quantize_model(model: ConditionalDiT | DiTTransformer2DModel, method: Method
         if student_hidden is not None:
             with autocast(device, precision):
                 student_hidden = pool.block_outputs(block, device, student_hidden)
-        pool.hidden = targets
+        fp_hidden = targets
+    phases["blocks"] = time.time() - mark + phases.pop("parallel blocks", 0.0)
     if fits_model:
+        mark = time.time()
         part = lambda rows: (pool.inputs[rows], pool.timesteps[rows], pool.labels[rows], fp_outputs[rows])  # noqa: E731
-        result.model_fit = fit_model(model, part(pool.train_rows), part(pool.heldout_rows), model_fit, make_trainer,
-                                     device, precision, seed)
+        stats = fit_model(model, part(pool.train_rows), part(pool.heldout_rows), model_fit, make_trainer, device,
+                          precision, seed)
+        result.model_fit = {**asdict(model_fit), **stats}
         log.info("model fit: held-out output MSE %.3g -> %.3g, kept %s", result.model_fit["start_mse"],
                  result.model_fit["fitted_mse"], result.model_fit["kept"])
-    result.seconds = time.time() - start
+        phases["model fit"] += time.time() - mark
+    result.seconds, result.phases = time.time() - start, phases
     return result
 
 

@@ -19,6 +19,8 @@ its teacher's outputs are computed once (AQLM/GPTQ-style) instead of re-running 
 
 import copy
 import logging
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -27,9 +29,29 @@ from vq4dit.errors import UserError
 from vq4dit.models import ConditionalDiT
 from vq4dit.sampling import Sampler
 from vq4dit.seeds import generator, stream_seed
+from vq4dit.settings import check_settings, setting
 
 log = logging.getLogger(__name__)
 MIN_TRAJECTORIES = 64  # the default when the model has fewer classes
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """The zero-data calibration pool (configs/pool/): block inputs captured from the fp model's own sampling."""
+
+    # null: one per class, at least 64 (DiT-XL/2: 1000); labels balanced over the classes
+    trajectories: int | None = setting(None, low=1)
+    # rows (x_t, t, y) kept, evenly per trajectory, its guided row first: what calibration trains on (only these
+    # rows are held while sampling, never every step's latents)
+    size: int = setting(2048, low=1)
+    heldout_trajectories: int = setting(8, low=1)  # trajectories of their own noise and labels, never trained on
+    heldout_size: int = setting(256, low=1)        # rows kept from them: block errors are measured here
+    # what a block's student sees: fp (paper: the fp blocks' outputs) | quantized (its quantized predecessor's
+    # outputs) | None: the method's choice (`Method.student_inputs`); fp whenever blocks run on several devices
+    student_inputs: Literal["fp", "quantized"] | None = None
+
+    def __post_init__(self):
+        check_settings(self, "pool")
 
 
 class ZeroDataBlockInputs:
@@ -39,17 +61,35 @@ class ZeroDataBlockInputs:
         check_pool_sizes(trajectories=trajectories, size=size, heldout_trajectories=heldout_trajectories,
                          heldout_size=heldout_size)
         self.chunk, self.trajectories, self.sampler = chunk, trajectories, sampler
+        self.heldout_trajectories = heldout_trajectories
         train = _visit(model, sampler, trajectories, size, seed, "calibration", progress)
         heldout = _visit(model, sampler, heldout_trajectories, heldout_size, seed, "calibration-heldout", progress)
         x, self.timesteps, self.labels = (torch.cat(parts) for parts in zip(train, heldout))
         self.inputs = x  # the model inputs x_t themselves (a model-level fit runs the whole model on them)
         self.num_train = len(train[0])
+        for name, asked, got in (("size", size, self.num_train), ("heldout_size", heldout_size, len(heldout[0]))):
+            if got < asked:  # each trajectory gives at most one row per step (two with guidance)
+                log.warning("pool.%s=%d: the trajectories' steps give only %d rows; the pool (and the checkpoint's "
+                            "record) holds %d", name, asked, got, got)
         device = next(model.transformer.parameters()).device
         with torch.no_grad():
             self.hidden = self._map(lambda xs, *_: model.transformer.pos_embed(xs.to(device)).cpu(), x)
 
+    @classmethod
+    def of(cls, model: ConditionalDiT, sampler: Sampler, settings: PoolSettings, seed: int,
+           progress: bool = True) -> "ZeroDataBlockInputs":
+        return cls(model, sampler, settings.trajectories, settings.size, seed, settings.heldout_trajectories,
+                   settings.heldout_size, progress=progress)
+
     def __len__(self) -> int:
         return len(self.hidden)
+
+    def record(self, student_inputs: str) -> dict:
+        """The pool as a checkpoint records it: the rows it holds (trajectories resolved), what the students saw
+        and the sampler whose trajectories it holds."""
+        return {"trajectories": self.trajectories, "size": self.num_train,
+                "heldout_trajectories": self.heldout_trajectories, "heldout_size": len(self) - self.num_train,
+                "student_inputs": student_inputs, "sampler": self.sampler.record()}
 
     @property
     def train_rows(self) -> slice:
@@ -67,9 +107,6 @@ class ZeroDataBlockInputs:
         return self._map(lambda h, t, y: block(h.to(device), timestep=t.to(device),
                                                class_labels=y.to(device)).float().cpu(),
                          self.hidden if hidden is None else hidden)
-
-    def advance(self, block: nn.Module, device: torch.device | str) -> None:
-        self.hidden = self.block_outputs(block, device)
 
     def _map(self, fn, rows: torch.Tensor) -> torch.Tensor:
         return torch.cat([fn(rows[i:i + self.chunk], self.timesteps[i:i + self.chunk], self.labels[i:i + self.chunk])

@@ -9,6 +9,8 @@ every file tensor for which `check_if_quantized_param` is true to `create_quanti
 names and dtypes; when a layer's last tensor arrives, the deployed layer (`from_stored`, the same call as
 `load_quantized`) takes its place; afterwards the shared embedders are tied and the original DiT's timestep
 shift is set. The file is the project checkpoint's own `model.safetensors`, so both loaders compute the same.
+Every tensor is checked against its sha256 in the config (`tensor_sha256`, format version 5 on) as diffusers
+hands it over, as read from the file (before diffusers casts it to `torch_dtype`).
 
 This module imports nothing heavy at import time: it is imported while diffusers' quantizers package is still
 being initialised (registration hooks that import), so the project's modules are imported inside the methods.
@@ -19,17 +21,19 @@ import weakref
 from enum import Enum
 
 import torch
+from diffusers.quantizers import auto as diffusers_auto
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 from torch import nn
-
-from vq4dit.deploy.registration import register_with_diffusers
 
 METHOD = "vq4dit"
 # diffusers versions whose loading path this backend was run against: the installed one by the tests, the others
 # (0.33.1, 0.34.0, 0.35.2, 0.38.0) by hand, each wheel's package first on PYTHONPATH (README).
 TESTED_DIFFUSERS = ("0.33", "0.43")  # [low, high); 0.32 puts every quantized model on CUDA
 SAVE_HOOK = hasattr(DiffusersQuantizer, "get_state_dict_and_metadata")  # diffusers 0.42 has it, 0.38 not
+STORED_DTYPES = {str(t).removeprefix("torch."): t for t in (  # a record's tensor dtypes: names looked up here only
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
+    torch.uint8, torch.bool)}
 log = logging.getLogger(__name__)
 
 
@@ -54,7 +58,7 @@ class VQ4DiTConfig(QuantizationConfigMixin):
 
     def __init__(self, layers: dict | None = None, shared: dict | None = None, timestep_shift: float = 1.0,
                  decode: str = "per_forward", format_version: int | None = None, provenance: dict | None = None,
-                 quant_method: str = METHOD):
+                 quant_method: str = METHOD, tensor_sha256: dict | None = None):
         self.quant_method = VQ4DiTMethod(quant_method)
         self.format_version = format_version
         self.layers = layers or {}
@@ -62,6 +66,7 @@ class VQ4DiTConfig(QuantizationConfigMixin):
         self.timestep_shift = timestep_shift
         self.decode = decode
         self.provenance = provenance or {}  # method, preset, sizes of the checkpoint it was exported from
+        self.tensor_sha256 = tensor_sha256  # every file tensor's `tensor_digest` (None: exported before version 5)
 
     def to_diff_dict(self) -> dict:  # diffusers' repr() of a config calls it
         return self.to_dict()
@@ -76,6 +81,7 @@ class VQ4DiTQuantizer(DiffusersQuantizer):
         self.dtype: torch.dtype | None = None
         self.pending: dict[str, dict[str, torch.Tensor]] = {}
         self.model_ref = None
+        self.verified: set[str] = set()  # file tensors whose digest was checked (diffusers may ask twice)
 
     # -- checks ---------------------------------------------------------------------------------------------
     def validate_environment(self, *args, **kwargs):
@@ -101,6 +107,12 @@ class VQ4DiTQuantizer(DiffusersQuantizer):
                             f"{', '.join(map(str, READABLE_VERSIONS))}")
         if config.decode not in DECODE_MODES:
             raise UserError(f"quantization_config.decode={config.decode}; valid: {', '.join(DECODE_MODES)}")
+        check_layer_records(config.layers)
+        digests = config.tensor_sha256
+        if (digests is not None or config.format_version >= 5) and not (
+                isinstance(digests, dict) and all(isinstance(v, str) for v in digests.values())):
+            raise UserError(f"quantization_config.tensor_sha256={str(digests)[:60]}; valid: a sha256 per tensor of "
+                            f"the weights file, as a format-version-{config.format_version} export writes")
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and len(set(map(str, device_map.values()))) > 1:
             raise UserError(f"device_map={device_map} spreads the model over several devices; vq4dit loads "
@@ -129,7 +141,24 @@ class VQ4DiTQuantizer(DiffusersQuantizer):
         return [k for k in missing_keys if not k.startswith(copies)]
 
     def check_if_quantized_param(self, model, param_value, param_name, state_dict, **kwargs) -> bool:
+        # diffusers asks this of every tensor it loads: here each is checked as the file holds it (`state_dict`)
+        self.check_digest(param_name, state_dict.get(param_name) if isinstance(state_dict, dict) else None)
         return param_name.rpartition(".")[0] in self.pending
+
+    def check_digest(self, name: str, tensor: torch.Tensor | None) -> None:
+        from vq4dit.errors import UserError
+        from vq4dit.tensor_checks import tensor_digest
+
+        digests = self.quantization_config.tensor_sha256
+        if digests is None or tensor is None or name in self.verified:
+            return
+        if name not in digests:
+            raise UserError(f"the folder's weights hold {name}, which quantization_config.tensor_sha256 does not "
+                            "list: the file was changed after export")
+        if tensor_digest(tensor) != digests[name]:
+            raise UserError(f"the folder's weights: tensor {name} does not match its sha256 in config.json (the "
+                            "file is damaged or was edited); export the checkpoint again")
+        self.verified.add(name)
 
     def check_quantized_param_shape(self, *args, **kwargs):
         return True  # placeholders carry names and dtypes; from_stored checks what it reads
@@ -143,7 +172,14 @@ class VQ4DiTQuantizer(DiffusersQuantizer):
         tensors[key] = param_value.to(target_device)
         record = self.quantization_config.layers[name]
         if set(tensors) == set(record["tensors"]):
-            layer = from_stored(tensors, record)
+            try:
+                layer = from_stored(tensors, record)
+            except (ValueError, KeyError, TypeError) as e:  # the config's record and the tensors disagree
+                from vq4dit.errors import UserError
+
+                reason = f"its record lacks {e}" if isinstance(e, KeyError) else str(e)
+                raise UserError(f"the folder's layer {name} ({record.get('type')!r}) is inconsistent: "
+                                f"{reason}") from None
             if self.dtype is not None and layer.bias is not None:
                 layer.bias.data = layer.bias.data.to(self.dtype)
             replace_layer(model, name, layer.requires_grad_(False))
@@ -152,7 +188,7 @@ class VQ4DiTQuantizer(DiffusersQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         from vq4dit.errors import UserError
         from vq4dit.models.dit import set_timestep_shift
-        from vq4dit.quant.decode import decode_once
+        from vq4dit.quant.quantized_linear import decode_once
 
         if self.pending:
             name, got = next(iter(self.pending.items()))
@@ -162,6 +198,10 @@ class VQ4DiTQuantizer(DiffusersQuantizer):
         empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if empty:
             raise UserError(f"the folder's weights lack {empty[0]} ({len(empty)} tensors): not a complete export")
+        unchecked = set(self.quantization_config.tensor_sha256 or ()) - self.verified
+        if unchecked:  # a diffusers that loaded them without handing them to the quantizer (offloading)
+            log.warning("vq4dit: %d tensors (%s, ...) were loaded without checking their sha256", len(unchecked),
+                        min(unchecked))
         set_timestep_shift(model, self.quantization_config.timestep_shift)
         if self.quantization_config.decode == "once":
             decode_once(model, self.dtype or torch.float32)
@@ -170,7 +210,7 @@ class VQ4DiTQuantizer(DiffusersQuantizer):
 
     def _dequantize(self, model):
         """`model.dequantize()`: every quantized layer becomes a dense nn.Linear (decode=once after loading)."""
-        from vq4dit.quant.decode import decode_once
+        from vq4dit.quant.quantized_linear import decode_once
 
         return decode_once(model, self.dtype or torch.float32)
 
@@ -201,6 +241,21 @@ class VQ4DiTQuantizer(DiffusersQuantizer):
         return True
 
 
+def check_layer_records(layers: dict) -> None:
+    """Each layer record names its tensors and their dtypes, from `STORED_DTYPES` only: the folder's config is
+    data, never a name looked up in torch."""
+    from vq4dit.errors import UserError
+
+    for name, record in layers.items():
+        tensors = record.get("tensors") if isinstance(record, dict) else None
+        if not isinstance(tensors, dict) or not tensors:
+            raise UserError(f"quantization_config.layers[{name!r}] names no tensors: not a vq4dit export")
+        for key, dtype in tensors.items():
+            if not isinstance(dtype, str) or dtype not in STORED_DTYPES:
+                raise UserError(f"quantization_config.layers[{name!r}].tensors[{key!r}]={dtype!r}; valid: "
+                                f"{', '.join(STORED_DTYPES)}")
+
+
 class StoredTensorsPlaceholder(nn.Module):
     """Stands for a quantized layer while diffusers reads the file: meta buffers named and typed as the stored
     tensors, so diffusers routes each of them to `create_quantized_param`."""
@@ -208,10 +263,18 @@ class StoredTensorsPlaceholder(nn.Module):
     def __init__(self, record: dict):
         super().__init__()
         for key, dtype in record["tensors"].items():
-            self.register_buffer(key, torch.empty(0, dtype=getattr(torch, dtype), device="meta"))
+            self.register_buffer(key, torch.empty(0, dtype=STORED_DTYPES[dtype], device="meta"))
 
     def forward(self, x):
         raise RuntimeError("a vq4dit layer was not loaded from the folder")
 
 
-register_with_diffusers()  # where importing this module was what brought diffusers' quantizers in
+def add_backend(auto) -> None:
+    """Put the backend into `diffusers.quantizers.auto`'s two mappings: the one place that does, called by
+    registration.py's import hook (which takes this module by name) and below. Defined last, so the hook can tell
+    a module that has run from one still running."""
+    auto.AUTO_QUANTIZATION_CONFIG_MAPPING[METHOD] = VQ4DiTConfig
+    auto.AUTO_QUANTIZER_MAPPING[METHOD] = VQ4DiTQuantizer
+
+
+add_backend(diffusers_auto)  # where importing this module was what brought diffusers' quantizers in

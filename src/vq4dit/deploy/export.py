@@ -8,8 +8,10 @@ A full-precision model exports the same way (no layers; the config keeps its tim
 diffusers folder when it has diffusers' own shift.
 
 Weight-only checkpoints only: a checkpoint with activation quantizers is refused (they are simulated, so a
-deployed model gains nothing from them). Not carried: the sampler's 3-channel guidance of the original DiT (`guided_channels`). diffusers' `DiTPipeline`
-guides all `in_channels`; the config records `guided_channels` for readers, see the README.
+deployed model gains nothing from them). Not carried: the sampler's 3-channel guidance of the original DiT
+(`guided_channels`). diffusers' `DiTPipeline` guides all `in_channels`; the config records `guided_channels` for
+readers, see the README. `pipeline=true` writes a `ConditionalDiTPipeline` folder instead (deploy/pipeline.py),
+which carries it, and runs models that `DiTPipeline` cannot (another class count, no VAE).
 """
 
 import json
@@ -18,14 +20,20 @@ import shutil
 from pathlib import Path
 
 import diffusers
-from omegaconf import DictConfig
-from safetensors.torch import save_file
 
 from vq4dit.deploy.diffusers_quantizer import VQ4DiTConfig
 from vq4dit.errors import UserError, instantiate
+from vq4dit.files import save_safetensors
 from vq4dit.models import ConditionalDiT
 from vq4dit.quant.attention_quantizer import attention_quantizer_record
-from vq4dit.quant.checkpoint import VERSION, is_quantized_checkpoint, load_quantized, read_manifest, stored_state
+from vq4dit.quant.checkpoint import (
+    VERSION,
+    is_quantized_checkpoint,
+    load_quantized,
+    read_manifest,
+    stored_state,
+    tensor_digests,
+)
 from vq4dit.quant.decode import DECODE_MODES
 
 CONFIG, WEIGHTS = "config.json", "diffusion_pytorch_model.safetensors"
@@ -48,12 +56,13 @@ def export_diffusers(model: ConditionalDiT, folder: Path, decode: str = "per_for
     shift = transformer.transformer_blocks[0].norm1.emb.time_proj.downscale_freq_shift
     if state.layers or state.shared or shift != DIFFUSERS_TIMESTEP_SHIFT:
         quant = VQ4DiTConfig(state.layers, state.shared, shift, decode, VERSION,
-                             provenance={"guided_channels": model.guided_channels, **(provenance or {})})
+                             provenance={"guided_channels": model.guided_channels, **(provenance or {})},
+                             tensor_sha256=tensor_digests(state.tensors))
         config["quantization_config"] = quant.to_dict()
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(state.tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+    save_safetensors(state.tensors, tmp / WEIGHTS, metadata={"format": "pt"})
     (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, folder)
     return folder
@@ -69,9 +78,10 @@ def check_weight_only(layers: dict[str, dict], attention: dict | None) -> None:
                         "checkpoints (act=none); load it with vq4dit.api.load_quantized instead")
 
 
-def export(cfg: DictConfig) -> Path:
-    """export.py's job: a quantized checkpoint (its manifest names the model) or full-precision weights of
-    `cfg.model`, written as a diffusers folder at `cfg.out`."""
+def export(cfg) -> Path:
+    """export.py's job (`cfg`: its Hydra config): a quantized checkpoint (its manifest names the model) or
+    full-precision weights of `cfg.model`, written as a diffusers folder at `cfg.out`; with `cfg.pipeline`, as a
+    `ConditionalDiTPipeline` folder whose scheduler and call defaults are `cfg.sampler`'s."""
     source, out = Path(cfg.ckpt), Path(cfg.out)
     if out.exists():
         raise UserError(f"out={out} already exists; earlier results are never overwritten")
@@ -81,6 +91,14 @@ def export(cfg: DictConfig) -> Path:
         provenance = {key: manifest[key] for key in ("method", "sizes") if key in manifest}
     else:
         model, provenance = instantiate(cfg.model, weights=str(source)), {"source": "full precision"}
+    if cfg.get("pipeline", False):
+        from vq4dit.deploy.pipeline import export_pipeline
+
+        folder = export_pipeline(model, out, instantiate(cfg.sampler.scheduler), cfg.decode, provenance,
+                                 cfg.sampler.guidance_scale, cfg.sampler.steps)
+        print(f"wrote {folder}: ConditionalDiTPipeline.from_pretrained({str(folder)!r}), "
+              "from vq4dit.deploy.pipeline")
+        return folder
     folder = export_diffusers(model, out, cfg.decode, provenance)
     print(f"wrote {folder}: DiTTransformer2DModel.from_pretrained({str(folder)!r}) after `import vq4dit`")
     return folder

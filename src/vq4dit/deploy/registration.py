@@ -4,8 +4,13 @@ diffusers (and torch) then: a second of import time nobody asked for.
 If `diffusers.quantizers.auto` is already imported the backend is added to its two mappings at once; otherwise a
 finder on `sys.meta_path` waits for that module and adds it right after the module has run, which happens before
 any `from_pretrained` can read a config.
+
+The backend module is taken by name (importlib) and adds itself through its own `add_backend`, the one place that
+writes the mappings; it calls that too when its own import brought diffusers' quantizers in. So this module imports
+nothing of the backend, and the backend nothing of this module.
 """
 
+import importlib
 import importlib.abc
 import importlib.util
 import sys
@@ -23,12 +28,9 @@ def register_with_diffusers() -> None:
 
 def _register(auto) -> None:
     backend = sys.modules.get(BACKEND)
-    if backend is not None and not hasattr(backend, "VQ4DiTQuantizer"):
+    if backend is not None and not hasattr(backend, "add_backend"):  # defined last: the module is still running
         return  # the backend's own import brought diffusers' quantizers in; it registers itself when complete
-    from vq4dit.deploy.diffusers_quantizer import METHOD, VQ4DiTConfig, VQ4DiTQuantizer
-
-    auto.AUTO_QUANTIZATION_CONFIG_MAPPING[METHOD] = VQ4DiTConfig
-    auto.AUTO_QUANTIZER_MAPPING[METHOD] = VQ4DiTQuantizer
+    importlib.import_module(BACKEND).add_backend(auto)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

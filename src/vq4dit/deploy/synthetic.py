@@ -29,7 +29,8 @@ def random_layer(out_features: int, in_features: int, preset: VQPreset | Uniform
         return VQLinear(codes, codebook, bias, out_features, in_features)
     groups = 1 if preset.group_size is None else in_features // preset.group_size
     levels = 1 << preset.bits
-    codes = torch.randint(0, levels, (out_features, in_features), generator=g, dtype=torch.uint8)
+    top = levels - 1 if preset.symmetric else levels  # symmetric codes are 0..2^b - 2 (shifted -half..half)
+    codes = torch.randint(0, top, (out_features, in_features), generator=g, dtype=torch.uint8)
     scale = (1e-3 + 1e-2 * torch.rand(out_features, groups, generator=g)).to(SCALE_DTYPE).float()
     zero = (torch.full_like(scale, levels // 2 - 1) if preset.symmetric
             else torch.randint(0, levels, (out_features, groups), generator=g).float())

@@ -33,7 +33,8 @@ class ImageNetScorer:
         """Everything that can be wrong with this run, before any sampling."""
         where = f"metric.reference={self.reference.path}"
         if self.sample_counts is not None and num_samples not in self.sample_counts:
-            raise UserError(f"num_samples={num_samples}: the protocol scores {' or '.join(map(str, self.sample_counts))} "
+            raise UserError(f"num_samples={num_samples}: the protocol scores "
+                            f"{' or '.join(map(str, self.sample_counts))} "
                             "samples (FIDs of other counts are not comparable); metric.sample_counts=null allows any")
         if num_samples <= self.neighbours:
             raise UserError(f"num_samples={num_samples}: precision/recall needs more than {self.neighbours} samples")
@@ -65,7 +66,8 @@ class ImageNetScorer:
         samples = torch.cat(self.pool)
         reference = self._reference_pool()
         precision, recall = precision_recall(reference, samples, self.neighbours)
-        return {"fid": self.fid.compute(), "sfid": self.sfid.compute(), "inception_score": self.inception_score.compute(),
+        return {"fid": self.fid.compute(), "sfid": self.sfid.compute(),
+                "inception_score": self.inception_score.compute(),
                 "precision": precision, "recall": recall, "num_samples": len(samples),
                 "num_reference": len(reference)}
 

@@ -24,51 +24,55 @@ the preset family it accepts, and `check` refuses presets and models it cannot a
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
 from vq4dit.errors import UserError
-from vq4dit.quant.act_quantizer import ActQuantizer
+from vq4dit.methods.block_data import BlockData
+from vq4dit.methods.input_quantizers import build_input_quantizers
+from vq4dit.models import ConditionalDiT
+from vq4dit.quant.act_quantizer import ActQuantizer, input_quantizer_of
 from vq4dit.quant.block_layers import INPUT_SITES
 from vq4dit.quant.presets import FAMILIES, ActPreset, preset_record
 from vq4dit.quant.quantized_linear import QuantizedLinear
-
-if TYPE_CHECKING:
-    from vq4dit.calibration.block_calibration import BlockCalibration
-    from vq4dit.calibration.block_data import BlockData
-    from vq4dit.calibration.zero_data import ZeroDataBlockInputs
-    from vq4dit.models import ConditionalDiT
+from vq4dit.settings import check_settings, setting, setting_fields
 
 
 @dataclass(frozen=True)
 class FitSettings:
-    """How a fitting method's layers are trained on the block loss (the design card: batch 16, 500 iterations)."""
+    """How a fitting method's layers are trained on the block loss (the design card: batch 16, 500 iterations):
+    one Lightning Trainer.fit per block, batches drawn from the pool's training rows. Methods that do not fit
+    ignore it."""
 
-    iterations: int = 500
-    batch_size: int = 16
-    lr: float = 1e-4            # codebooks, scales and biases
-    rmsprop_alpha: float = 0.9
-    log_every: int = 10
+    iterations: int = setting(500, low=1)
+    batch_size: int = setting(16, low=1)
+    lr: float = setting(1e-4, low=0, low_open=True)   # codebooks, scales and biases (VQ4DiT's logits: lr_ratios)
+    rmsprop_alpha: float = setting(0.9, low=0, high=1, low_open=True, high_open=True)
+    log_every: int = setting(10, low=1)               # TensorBoard curves every this many steps
 
     def __post_init__(self):
-        for name in ("iterations", "batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"fit.{name}={getattr(self, name)}; valid: a positive integer")
-        if not self.lr > 0:
-            raise UserError(f"fit.lr={self.lr}; valid: a positive learning rate")
-        if not 0 < self.rmsprop_alpha < 1:
-            raise UserError(f"fit.rmsprop_alpha={self.rmsprop_alpha}; valid: a value in (0, 1)")
+        check_settings(self, "fit")
+
+
+class FitState(Protocol):
+    """What the fitting hooks see of the running fit (calibration.block_calibration.BlockCalibration)."""
+
+    global_step: int              # optimizer steps taken so far
+    fit_settings: FitSettings
+    stats: dict                   # the block's statistics, which the method may add to
+
+    def heldout_mse(self) -> float: ...
 
 
 @dataclass
 class RunContext:
     """What a model-level step (`Method.before_blocks`) may use besides the model."""
 
-    pool: "ZeroDataBlockInputs"       # its `sampler` is the full-precision sampler of the run
+    pool: Any                         # the calibration pool (ZeroDataBlockInputs); its `sampler` is the run's fp one
     device: torch.device
     seed: int
     logger: Any = None                # a Lightning logger (TensorBoard curves), or None
@@ -83,6 +87,7 @@ class Method:
     quant: object                  # the weight preset (every subclass narrows its type)
     act: ActPreset = field(default_factory=ActPreset)  # activations (act=none: full precision)
     name: ClassVar[str]
+    object_fields: ClassVar[tuple[str, ...]] = ("quant", "act")  # objects, not settings (settings.py)
     family: ClassVar[str]          # the preset family this method accepts ("vq" or "uniform")
     fits: ClassVar[bool] = False   # whether prepared layers are trained on the block loss
     seeded: ClassVar[bool] = True  # whether the result depends on the seed (its pool, its k-means start)
@@ -94,6 +99,8 @@ class Method:
     student_inputs: ClassVar[str] = "fp"
     # model-level fit steps after the blocks when model_fit.iterations is null (calibration/model_fit.py)
     model_fit_iterations: ClassVar[int] = 0
+    # whether the method chooses each layer's group size itself (Q-DiT's search), not the preset
+    per_layer_group_sizes: ClassVar[bool] = False
 
     def __post_init__(self):
         expected = FAMILIES[self.family]
@@ -104,6 +111,7 @@ class Method:
                             f"method={self.name} needs a {self.family} preset ({expected.__name__})")
         if not isinstance(self.act, ActPreset):
             raise UserError(f"act={self.act}; valid: an activation preset (configs/act/)")
+        check_settings(self, "method")
         self.activation = self.act.resolved(self.act_defaults)  # the act preset as this method applies it
 
     # -- the block loop ------------------------------------------------------------------------------------
@@ -121,31 +129,30 @@ class Method:
                     raise UserError(f"act.group_size={group} does not divide the input width {width} of {site}")
 
     # -- model-level and per-block steps around the weights ---------------------------------------------------
-    def before_blocks(self, model: "ConditionalDiT", run: RunContext) -> None:
+    def before_blocks(self, model: ConditionalDiT, run: RunContext) -> None:
         """Once, on the full-precision model, before the block loop."""
 
-    def transform_block(self, data: "BlockData") -> None:
+    def transform_block(self, data: BlockData) -> None:
         """Re-parameterize `data.block` (full precision) in place, keeping its outputs, before quantizing it."""
 
     def act_group_size(self, site: str, block: int) -> int | None:
         """Channels per activation range at `site` of block `block` (token_group granularity)."""
         return self.activation.group_size if self.activation.granularity == "token_group" else None
 
-    def input_quantizers(self, linears: dict[str, nn.Linear], data: "BlockData") -> dict[str, ActQuantizer]:
+    def input_quantizers(self, linears: dict[str, nn.Linear], data: BlockData) -> dict[str, ActQuantizer]:
         """Layer name -> the quantizer of its input ({} without activation quantization); the linears of a site
         share one; static ones are calibrated on the block's training rows."""
-        from vq4dit.calibration.input_quantizers import build_input_quantizers
 
         if not self.activation.enabled:
             return {}
         groups = {site: self.act_group_size(site, data.index) for site in self.input_sites}
         return build_input_quantizers(self.activation, groups, linears, data)
 
-    def start(self, linears: dict[str, nn.Linear], data: "BlockData") -> dict[str, QuantizedLinear]:
+    def start(self, linears: dict[str, nn.Linear], data: BlockData) -> dict[str, QuantizedLinear]:
         raise NotImplementedError
 
     def prepare(self, linears: dict[str, nn.Linear], start: dict[str, QuantizedLinear],
-                data: "BlockData") -> dict[str, nn.Module]:
+                data: BlockData) -> dict[str, nn.Module]:
         return start
 
     def finalize(self, layer: nn.Module) -> QuantizedLinear:
@@ -156,28 +163,62 @@ class Method:
         params = [p for layer in layers.values() for p in layer.parameters() if p.requires_grad]
         return torch.optim.RMSprop(params, lr=fit.lr, alpha=fit.rmsprop_alpha)
 
-    def penalty(self, layers: dict[str, nn.Module], module: "BlockCalibration") -> torch.Tensor | None:
+    def penalty(self, layers: dict[str, nn.Module], module: FitState) -> torch.Tensor | None:
         """A term added to the loss (already weighted, e.g. a regulariser), or None."""
         return None
 
     def before_optimizer_step(self, layers: dict[str, nn.Module]) -> None:
         pass
 
-    def after_step(self, layers: dict[str, nn.Module], module: "BlockCalibration") -> None:
+    def after_step(self, layers: dict[str, nn.Module], module: FitState) -> None:
         """After each optimizer step; `module.global_step` counts them, `module.heldout_mse()` scores the block."""
 
-    def after_fit(self, layers: dict[str, nn.Module], module: "BlockCalibration") -> None:
+    def after_fit(self, layers: dict[str, nn.Module], module: FitState) -> None:
         pass
 
     def curves(self, layers: dict[str, nn.Module]) -> dict[str, float]:
         """Extra TensorBoard scalars (calib/<name>) logged every `fit.log_every` steps."""
         return {}
 
+    # -- what it deploys ------------------------------------------------------------------------------------
+    def deployed_fields(self) -> dict:
+        """What every layer this method deploys has: the layer type of its preset family (vq: `VQLinear`,
+        uniform: `UniformLinear`) and the preset's values."""
+        q = self.quant
+        if self.family == "vq":
+            return {"layer_type": "vq", "k": q.k, "d": q.d}
+        fields = {"layer_type": "uniform", "bits": q.bits, "symmetric": q.symmetric}
+        return fields if self.per_layer_group_sizes else {**fields, "group_size": q.group_size}
+
+    def check_deployed(self, layers: dict[str, nn.Module]) -> None:
+        """Raise a one-line ValueError naming the first layer this method would not deploy (a cached block of
+        another method or preset): another layer type or preset value, an input quantizer it does not use."""
+        want = self.deployed_fields()
+        acting = {n for site in self.input_sites for n in INPUT_SITES[site]} if self.activation.enabled else set()
+        for name, layer in layers.items():
+            have = {key: getattr(layer, key, None) for key in want}
+            if have != want:
+                key = next(k for k in want if have[k] != want[k])
+                raise ValueError(f"layer {name} has {key}={have[key]}; method={self.name} with "
+                                 f"quant={self.quant.name or self.quant.values_name()} deploys {key}={want[key]}")
+            quantizer = input_quantizer_of(layer)
+            bits = None if quantizer is None else quantizer.bits
+            expected = self.activation.bits if name in acting else None
+            if bits != expected:
+                said = lambda b: "full precision" if b is None else f"{b} bits"  # noqa: E731
+                raise ValueError(f"layer {name} takes its input in {said(bits)}; method={self.name} with "
+                                 f"act={self.act.name or self.activation.values_name()} gives it {said(expected)}")
+
     # -- records -------------------------------------------------------------------------------------------
     def record(self) -> dict:
         """The method and its settings as the manifest stores them (activations only when quantized)."""
-        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("quant", "act")}
+        settings = {f.name: _plain(getattr(self, f.name)) for f in setting_fields(type(self))}
         record = {"name": self.name, **settings, "quant": preset_record(self.quant)}
         if self.activation.enabled:
             record["act"] = {**preset_record(self.activation), "sites": list(self.input_sites)}
         return record
+
+
+def _plain(value):
+    """A setting as JSON stores it (a nested settings dataclass as a mapping)."""
+    return asdict(value) if is_dataclass(value) else value

@@ -19,27 +19,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vq4dit.errors import UserError
 from vq4dit.methods.base import Method
 from vq4dit.quant.presets import UniformPreset
-from vq4dit.quant.uniform_linear import SCALE_DTYPE, UniformGrid, UniformLinear, decode, encode, fit_grid, group_width
 from vq4dit.quant.quantized_linear import linear_bias
+from vq4dit.quant.uniform_linear import SCALE_DTYPE, UniformGrid, UniformLinear, decode, encode, fit_grid, group_width
+from vq4dit.settings import setting
 
 
 @dataclass
 class GPTQ(Method):
     quant: UniformPreset
-    damp: float = 0.01       # fraction of mean(diag H) added to the diagonal
-    block_size: int = 128    # columns per lazy batch
-    act_order: bool = False  # quantize columns in order of decreasing H_ii
+    damp: float = setting(0.01, low=0, high=1, high_open=True)  # fraction of mean(diag H) added to the diagonal
+    block_size: int = setting(128, low=1)  # columns per lazy batch
+    act_order: bool = False  # quantize columns by decreasing H_ii (groups then fitted up front: "static groups")
     name = "gptq"
     family = "uniform"
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0 <= self.damp < 1 or self.block_size < 1:
-            raise UserError(f"method.damp={self.damp}, method.block_size={self.block_size}; "
-                            "valid: damp in [0, 1), block_size >= 1")
 
     def group_size(self, name: str, block: int) -> int | None:
         """Input columns per weight group of linear `name` of block `block` (None: per output channel)."""
@@ -56,7 +50,8 @@ class GPTQ(Method):
         return {name: self.quantize(linear, hessians[name].value(), self.group_size(name, data.index))
                 for name, linear in linears.items()}
 
-    def quantize(self, linear: nn.Linear, hessian: torch.Tensor, group_size: int | None | str = "preset") -> UniformLinear:
+    def quantize(self, linear: nn.Linear, hessian: torch.Tensor,
+                 group_size: int | None | str = "preset") -> UniformLinear:
         q = self.quant
         group = q.group_size if group_size == "preset" else group_size
         codes, grid = gptq(linear.weight, hessian, q.bits, group, q.symmetric, self.damp, self.block_size,

@@ -8,37 +8,29 @@ training rows of the zero-data pool.
 """
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from vq4dit.errors import UserError
 from vq4dit.methods.base import Method
 from vq4dit.quant.presets import VQPreset
 from vq4dit.quant.vq_linear import VQLinear
-
-WEIGHTINGS = ("none", "input_moment")
+from vq4dit.settings import setting
 
 
 @dataclass
 class KMeansVQ(Method):
     quant: VQPreset
-    kmeans_iters: int = 100                # Lloyd iterations (greedy k-means++ start); stops early once converged
-    kmeans_points_per_codeword: int = 256  # Lloyd runs on at most this many sub-vectors per codeword (faiss's cap)
-    kmeans_weighting: str = "none"         # none | input_moment: coordinates weighted by their input's E[x^2]
-    moment_damp: float = 0.01              # + this x the layer's mean moment, as GPTQ damps its Hessian
+    kmeans_iters: int = setting(100, low=1)  # Lloyd iterations (greedy k-means++ start); stops early once converged
+    # Lloyd runs on at most this many sub-vectors per codeword (faiss's cap), then every sub-vector is assigned
+    kmeans_points_per_codeword: int = setting(256, low=1)
+    # none | input_moment: k-means and assignment weigh each coordinate by its input channel's E[x^2] on the pool
+    # (data-aware codebooks, GPTVQ-style)
+    kmeans_weighting: Literal["none", "input_moment"] = "none"
+    moment_damp: float = setting(0.01, low=0)  # + this x the layer's mean moment, as GPTQ damps its Hessian
     name = "kmeans"
     family = "vq"
-
-    def __post_init__(self):
-        super().__post_init__()
-        for key in ("kmeans_iters", "kmeans_points_per_codeword"):
-            if getattr(self, key) < 1:
-                raise UserError(f"method.{key}={getattr(self, key)}; valid: a positive integer")
-        if self.kmeans_weighting not in WEIGHTINGS:
-            raise UserError(f"method.kmeans_weighting={self.kmeans_weighting}; valid: {', '.join(WEIGHTINGS)}")
-        if not self.moment_damp >= 0:
-            raise UserError(f"method.moment_damp={self.moment_damp}; valid: a number >= 0")
 
     def start(self, linears: dict[str, nn.Linear], data) -> dict[str, VQLinear]:
         k, d = self.quant.k, self.quant.d

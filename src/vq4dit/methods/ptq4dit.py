@@ -25,21 +25,28 @@ from vq4dit.methods.base import FitSettings, Method
 from vq4dit.quant.act_quantizer import input_quantizer_of
 from vq4dit.quant.adaround_linear import AdaRoundLinear
 from vq4dit.quant.presets import UniformPreset
-from vq4dit.quant.salience_balancing import (BALANCED, balancing_factors, check_foldable, fold_balancing,
-                                             spearman_weights, weight_salience)
+from vq4dit.quant.salience_balancing import (
+    BALANCED,
+    balancing_factors,
+    check_foldable,
+    fold_balancing,
+    spearman_weights,
+    weight_salience,
+)
 from vq4dit.quant.uniform_linear import UniformLinear
+from vq4dit.settings import setting
 
 
 @dataclass
 class PTQ4DiT(Method):
     quant: UniformPreset
-    balance: bool = True          # CSB + SSC folded into the block (false: ablation, reconstruction only)
-    lr_rounding: float = 1e-3     # AdaRound offsets (Adam)
-    lr_act_scale: float = 4e-5    # static activation scales (Adam)
-    reg_weight: float = 0.01      # rounding regulariser (mean over weights) against the normalised block loss
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    warmup: float = 0.2           # fraction of the iterations without the regulariser
+    balance: bool = True  # CSB + SSC folded into the block (false: ablation, reconstruction only)
+    lr_rounding: float = setting(1e-3, low=0, low_open=True)     # AdaRound offsets (Adam)
+    lr_act_scale: float = setting(4e-5, low=0, low_open=True)    # static activation scales (Adam; the code's rate)
+    reg_weight: float = setting(0.01, low=0)  # rounding regulariser (mean over weights), block loss normalised to 1
+    beta_start: float = setting(20.0, low=0, low_open=True)      # the regulariser's exponent, annealed from
+    beta_end: float = setting(2.0, low=0, low_open=True)         # beta_start to beta_end after the warm-up
+    warmup: float = setting(0.2, low=0, high=1, high_open=True)  # fraction of the iterations without the regulariser
     name = "ptq4dit"
     family = "uniform"
     fits = True
@@ -48,12 +55,9 @@ class PTQ4DiT(Method):
 
     def __post_init__(self):
         super().__post_init__()
-        if not (self.lr_rounding > 0 and self.lr_act_scale > 0 and self.reg_weight >= 0 and 0 <= self.warmup < 1
-                and self.beta_start >= self.beta_end > 0):
-            raise UserError(f"method.lr_rounding={self.lr_rounding}, lr_act_scale={self.lr_act_scale}, "
-                            f"reg_weight={self.reg_weight}, warmup={self.warmup}, beta={self.beta_start}->"
-                            f"{self.beta_end}; valid: positive rates, reg_weight >= 0, warmup in [0, 1), "
-                            "beta_start >= beta_end > 0")
+        if self.beta_start < self.beta_end:
+            raise UserError(f"method.beta_start={self.beta_start} < method.beta_end={self.beta_end}; valid: "
+                            "beta_start >= beta_end (the exponent anneals downwards)")
 
     def check(self, linears: dict[str, nn.Linear]) -> None:
         super().check(linears)
@@ -93,7 +97,8 @@ class PTQ4DiT(Method):
         return {name: UniformLinear.from_linear(linear, q.bits, q.group_size, q.symmetric)
                 for name, linear in linears.items()}
 
-    def prepare(self, linears: dict[str, nn.Linear], start: dict[str, UniformLinear], data) -> dict[str, AdaRoundLinear]:
+    def prepare(self, linears: dict[str, nn.Linear], start: dict[str, UniformLinear],
+                data) -> dict[str, AdaRoundLinear]:
         return {name: AdaRoundLinear(linear.weight, start[name]) for name, linear in linears.items()}
 
     def finalize(self, layer: AdaRoundLinear) -> UniformLinear:

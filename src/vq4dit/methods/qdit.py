@@ -17,6 +17,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from torch import nn
 
@@ -27,6 +28,7 @@ from vq4dit.quant.presets import UniformPreset
 from vq4dit.search.candidate_score import CandidateScore, candidate_model
 from vq4dit.search.evolution import EvolutionSearch, SearchSettings
 from vq4dit.search.group_sizes import SITES, GroupSizeSpace
+from vq4dit.settings import nested, setting
 
 log = logging.getLogger(__name__)
 RESULT_FORMAT = "qdit-group-sizes"
@@ -36,13 +38,16 @@ RESULT_FILE = "qdit_group_sizes.json"
 @dataclass
 class QDiT(GPTQ):
     quant: UniformPreset
-    group_sizes: str | None = None  # a saved search result (qdit_group_sizes.json): used instead of searching
-    space: list = field(default_factory=lambda: [32, 64, 128, 192, 288])  # on DiT-XL/2; scaled to the model
-    base_group_size: int = 128      # start candidate, budget reference, adaLN's groups (scaled like the space)
-    reference_width: int = 1152     # the hidden width `space` and `base_group_size` are given for
-    budget: str = "bitops"          # bitops (paper) | mean_group_size (released code)
-    search: dict = field(default_factory=dict)  # SearchSettings; generations 0: every layer at the base size
+    # a saved search result (qdit_group_sizes.json of an earlier run): used instead of searching
+    group_sizes: str | None = setting(None, path=True)
+    space: list[int] = setting(default_factory=lambda: [32, 64, 128, 192, 288])  # on DiT-XL/2; scaled to the model
+    base_group_size: int = setting(128, low=1)  # start candidate, budget reference, adaLN's groups (scaled too)
+    reference_width: int = setting(1152, low=1)  # the hidden width `space` and `base_group_size` are given for
+    budget: Literal["bitops", "mean_group_size"] = "bitops"  # bitops (the paper) | mean_group_size (released code)
+    search: SearchSettings = field(default_factory=SearchSettings)  # generations 0: every layer at the base size
+    act_order: bool = False  # Q-DiT's code asserts it off
     name = "qdit"
+    per_layer_group_sizes = True  # its search chooses them
     input_sites = ("qkv", "proj", "fc1", "fc2")
     act_defaults = {"granularity": "token_group", "dynamic": True}
 
@@ -55,7 +60,7 @@ class QDiT(GPTQ):
         if self.act.group_size is not None:
             raise UserError(f"act.group_size={self.act.group_size} with method=qdit: its activation groups are "
                             "the searched per-layer group sizes; leave act.group_size null")
-        self.settings = SearchSettings(**self.search)
+        self.search = nested(SearchSettings, self.search, "method.search")
         self.genes: list[dict[str, int]] | None = None
         self._space: GroupSizeSpace | None = None
 
@@ -67,7 +72,7 @@ class QDiT(GPTQ):
     def check(self, linears: dict[str, nn.Linear]) -> None:
         self._space = self.space_for(linears)
         super().check(linears)
-        searching = self.group_sizes is None and self.settings.generations > 0
+        searching = self.group_sizes is None and self.search.generations > 0
         if searching and self.activation.enabled and not self.activation.dynamic:
             raise UserError("act.dynamic=false with method=qdit: the search scores candidates with dynamic "
                             "activations; give method.group_sizes=<file> or method.search.generations=0")
@@ -94,17 +99,17 @@ class QDiT(GPTQ):
         if self.group_sizes is not None:
             genes = read_group_sizes(self.group_sizes, space.site_shapes[0][2], linears, len(model.blocks))
             log.info("group sizes from %s", self.group_sizes)
-        elif self.settings.generations == 0:
+        elif self.search.generations == 0:
             genes = space.per_block((space.base,) * space.genes)
         else:
             result = self._search(model, run, space)
             genes = space.per_block(result["best"])
         self.genes = genes
         if run.output_dir is not None and result is not None:
-            write_group_sizes(Path(run.output_dir) / RESULT_FILE, model, space, genes, self.settings, result)
+            write_group_sizes(Path(run.output_dir) / RESULT_FILE, model, space, genes, self.search, result)
 
     def _search(self, model, run, space: GroupSizeSpace) -> dict:
-        s = self.settings
+        s = self.search
         work = Path(run.work_dir) if run.work_dir is not None else None
         score = CandidateScore(s.score, model, run.pool.sampler, s.samples, run.seed, pool=run.pool,
                                scorer=run.scorer, work_dir=work)
@@ -152,17 +157,28 @@ def read_group_sizes(path: str, hidden: int, linears: dict[str, nn.Linear],
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"method.group_sizes={path} is unreadable ({type(e).__name__}); give a "
                         f"{RESULT_FILE} written by a qdit run") from None
-    if record.get("format") != RESULT_FORMAT:
+    if not isinstance(record, dict) or record.get("format") != RESULT_FORMAT:
         raise UserError(f"method.group_sizes={path} is not a {RESULT_FILE} written by a qdit run")
+    missing = [key for key in ("hidden", "blocks", "model", "group_sizes") if key not in record]
+    if missing:
+        raise UserError(f"method.group_sizes={path} lacks {', '.join(missing)}; give a {RESULT_FILE} written by a "
+                        "qdit run")
     if record["hidden"] != hidden or (blocks is not None and record["blocks"] != blocks):
         raise UserError(f"method.group_sizes={path} holds group sizes for {record['model']} (hidden "
                         f"{record['hidden']}, {record['blocks']} blocks), not for this model (hidden {hidden}"
                         f"{'' if blocks is None else f', {blocks} blocks'})")
     genes = record["group_sizes"]
+    if not isinstance(genes, list) or len(genes) != record["blocks"] or not all(isinstance(b, dict) for b in genes):
+        raise UserError(f"method.group_sizes={path}: group_sizes is not one mapping per block "
+                        f"({record['blocks']} blocks); give a {RESULT_FILE} written by a qdit run")
     for i, block in enumerate(genes):
         for site in SITES:
             width = linears[INPUT_SITES[site][0]].in_features
-            if width % block[site]:
-                raise UserError(f"method.group_sizes={path}: group size {block[site]} of block {i} {site} does "
+            size = block.get(site)
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise UserError(f"method.group_sizes={path}: block {i} {site} has group size {size}; valid: a "
+                                f"positive divisor of its input width {width}")
+            if width % size:
+                raise UserError(f"method.group_sizes={path}: group size {size} of block {i} {site} does "
                                 f"not divide its input width {width}")
     return genes

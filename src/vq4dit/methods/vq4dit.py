@@ -10,6 +10,7 @@ trained. Where the paper and its released code differ, each choice is a switch (
 """
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -18,44 +19,37 @@ from vq4dit.errors import UserError
 from vq4dit.methods.base import FitSettings
 from vq4dit.methods.kmeans_vq import KMeansVQ
 from vq4dit.quant.vq_linear import SoftVQLinear, VQLinear
-
-SWITCHES = {"ratio_init": ("uniform", "inverse_distance"), "codebook_training": ("joint", "after_freeze"),
-            "regularizer": ("paper", "code"), "reg_schedule": ("constant", "linear")}
+from vq4dit.settings import setting
 
 
 @dataclass
 class VQ4DiT(KMeansVQ):
-    candidates: int = 2               # n; the released code uses 2, the paper's ablation finds 3 best
-    ratio_init: str = "inverse_distance"  # inverse_distance (released code; measured better) | uniform (paper)
-    codebook_training: str = "joint"  # joint (paper) | after_freeze (released code: once a layer's codes froze)
-    regularizer: str = "paper"        # paper: mean(1 - |2r - 1|) | code: n * mean(r (1 - r))
-    reg_weight: float = 0.1
-    reg_schedule: str = "linear"      # constant | linear ramp from 0 to reg_weight at harden_at
-    freeze_threshold: float = 0.99    # a sub-vector whose top ratio passes this is frozen to that codeword
-    freeze_every: int = 10
-    harden_at: float = 0.8            # fraction of the iterations after which every sub-vector takes its argmax
-    lr_ratios: float = 5e-2           # ratio logits (codebooks and biases use fit.lr)
-    kmeans_weighting: str = "input_moment"  # data-aware codebooks (measured better); none: the paper's k-means
+    candidates: int = setting(2, low=1)  # n (at most k); the released code uses 2, the paper's ablation finds 3 best
+    # inverse_distance (released code; measured better) | uniform (paper)
+    ratio_init: Literal["uniform", "inverse_distance"] = "inverse_distance"
+    # joint (paper) | after_freeze (released code: a layer's codebook moves once its codes froze)
+    codebook_training: Literal["joint", "after_freeze"] = "joint"
+    regularizer: Literal["paper", "code"] = "paper"  # paper: mean(1 - |2r - 1|) | code: n * mean(r (1 - r))
+    reg_weight: float = setting(0.1, low=0)
+    reg_schedule: Literal["constant", "linear"] = "linear"  # linear: a ramp from 0 to reg_weight at harden_at
+    # a sub-vector whose top ratio passes this is frozen to that codeword
+    freeze_threshold: float = setting(0.99, low=0, high=1, low_open=True)
+    freeze_every: int = setting(10, low=1)
+    # fraction of the iterations after which every sub-vector takes its argmax; the rest fine-tune codebooks and
+    # biases on the hard codes (1.0: harden after the last step)
+    harden_at: float = setting(0.8, low=0, high=1, low_open=True)
+    lr_ratios: float = setting(5e-2, low=0, low_open=True)  # ratio logits (codebooks and biases use fit.lr)
+    # data-aware codebooks (measured better); none: the paper's k-means
+    kmeans_weighting: Literal["none", "input_moment"] = "input_moment"
     name = "vq4dit"
     fits = True
-    student_inputs = "quantized"  # measured end to end: README, "VQ4DiT beyond the paper"
+    student_inputs = "quantized"  # measured end to end: docs/vq4dit.md, "VQ4DiT beyond the paper"
     model_fit_iterations = 500    # the model-level fit after the blocks: measured end to end, same section
 
     def __post_init__(self):
         super().__post_init__()
-        if not 1 <= self.candidates <= self.quant.k:
+        if self.candidates > self.quant.k:
             raise UserError(f"method.candidates={self.candidates}; valid: 1..k ({self.quant.k})")
-        for key, valid in SWITCHES.items():
-            if getattr(self, key) not in valid:
-                raise UserError(f"method.{key}={getattr(self, key)}; valid: {', '.join(valid)}")
-        if not 0 < self.harden_at <= 1:
-            raise UserError(f"method.harden_at={self.harden_at}; valid: a fraction in (0, 1]")
-        if not 0 < self.freeze_threshold <= 1:
-            raise UserError(f"method.freeze_threshold={self.freeze_threshold}; valid: a probability in (0, 1]")
-        if self.reg_weight < 0 or not self.lr_ratios > 0 or self.freeze_every < 1:
-            raise UserError(f"method.reg_weight={self.reg_weight}, method.lr_ratios={self.lr_ratios}, "
-                            f"method.freeze_every={self.freeze_every}; valid: reg_weight >= 0, lr_ratios > 0, "
-                            "freeze_every >= 1")
 
     def prepare(self, linears: dict[str, nn.Linear], start: dict[str, VQLinear], data) -> dict[str, SoftVQLinear]:
         moments = self.input_weights(linears, data)

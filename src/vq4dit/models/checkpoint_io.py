@@ -14,8 +14,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from vq4dit.errors import UserError
+from vq4dit.files import as_umask_allows
 from vq4dit.models.original_format import from_original, is_original_state_dict
-from vq4dit.quant.stored_checks import check_finite
+from vq4dit.tensor_checks import check_finite
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_TORCH_WEIGHTS = "diffusion_pytorch_model.bin"
@@ -39,7 +40,8 @@ def load_transformer_weights(transformer: DiTTransformer2DModel, path: Path, nam
 
 def architecture_of(state: dict[str, torch.Tensor]) -> dict | None:
     """(depth, width, patch) of a DiT state dict in the original or diffusers layout; None if it is neither."""
-    for blocks, patch_embed in (("blocks.", "x_embedder.proj.weight"), ("transformer_blocks.", "pos_embed.proj.weight")):
+    layouts = (("blocks.", "x_embedder.proj.weight"), ("transformer_blocks.", "pos_embed.proj.weight"))
+    for blocks, patch_embed in layouts:
         if patch_embed in state:
             depth = len({k.split(".")[1] for k in state if k.startswith(blocks)})
             weight = state[patch_embed]
@@ -134,6 +136,7 @@ def save_diffusers_folder(transformer: DiTTransformer2DModel, folder: Path, extr
     """diffusers' own folder format plus our metadata (`vq4dit.json`), written to a temporary name then renamed."""
     tmp = folder.with_name(folder.name + ".tmp")
     transformer.save_pretrained(tmp, safe_serialization=True)
+    as_umask_allows(tmp)  # safetensors writes owner-only files
     (tmp / "vq4dit.json").write_text(json.dumps(extra, indent=2))
     if folder.exists():
         raise UserError(f"{folder} already exists; move it away first (earlier results are never overwritten)")

@@ -6,7 +6,10 @@ MLP LayerNorm (1e-5 vs 1e-6). `timestep_shift=0` and `norm_eps=1e-6` in the mode
 the third difference, which channels classifier-free guidance mixes, is `guided_channels` (see sampling.py).
 """
 
+import inspect
+import typing
 from contextlib import nullcontext
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -15,6 +18,13 @@ from torch import nn
 
 from vq4dit.errors import UserError
 from vq4dit.models.checkpoint_io import load_transformer_weights
+
+BUILDER = "vq4dit.models.load_dit"  # the one `_target_` a model record may name: train.py records its model config
+NONE = type(None)
+RECORD_FIELDS = {  # a model record's fields, as JSON types; `weights` and `vae` are recorded paths, never opened
+    "name": (str,), "arch": (dict,), "weights": (str, NONE), "seed": (int,), "timestep_shift": (int, float),
+    "guided_channels": (int, NONE), "vae": (str, NONE), "latent_scale": (int, float),
+}
 
 
 class ConditionalDiT(nn.Module):
@@ -76,12 +86,12 @@ class ConditionalDiT(nn.Module):
         return self.transformer(x, timestep=t, class_labels=y, return_dict=False)[0]
 
     def config_record(self) -> dict:
-        """A `load_dit` config that rebuilds this architecture (without weights, VAE or its path)."""
+        """`load_dit`'s arguments for this architecture (without weights, VAE or its path): data only, no
+        `_target_`, since the loader builds every record with `load_dit` (`record_arguments`)."""
         arch = {k: v for k, v in self.transformer.config.items() if not k.startswith("_")}
         shift = self.blocks[0].norm1.emb.time_proj.downscale_freq_shift
-        return {"_target_": "vq4dit.models.load_dit", "name": self.name, "weights": None, "arch": arch,
-                "timestep_shift": shift, "guided_channels": self.guided_channels, "vae": None,
-                "latent_scale": self.latent_scale}
+        return {"name": self.name, "weights": None, "arch": arch, "timestep_shift": shift,
+                "guided_channels": self.guided_channels, "vae": None, "latent_scale": self.latent_scale}
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,6 +144,67 @@ def load_dit(
     transformer.eval().requires_grad_(False)
     autoencoder = None if vae is None else load_vae(Path(vae))
     return ConditionalDiT(transformer, name, guided_channels, autoencoder, latent_scale).eval()
+
+
+def record_arguments(record, where: str) -> dict:
+    """The `load_dit` arguments a model record gives (a checkpoint manifest's `model`, or a model config), checked
+    field by field: a record describes an architecture, and what builds it is always `load_dit`, never code that
+    the record names. A `_target_` other than `load_dit`, an unknown field or DiTTransformer2DModel argument, or a
+    value of the wrong type is one UserError line naming it (`where`: the record's place, for that line)."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where} is {_kind(record)}, not a model record (name, arch, ...)")
+    fields = dict(record)
+    target = fields.pop("_target_", BUILDER)
+    if target != BUILDER:
+        raise UserError(f"{where}._target_={_short(target)}: a model record does not choose code; valid: "
+                        f"{BUILDER!r} or none")
+    _check_fields(fields, RECORD_FIELDS, where, "a model field")
+    absent = [key for key in ("name", "arch") if key not in fields]
+    if absent:
+        raise UserError(f"{where} lacks {absent[0]}; a model record needs name and arch")
+    _check_fields(fields["arch"], transformer_arguments(), f"{where}.arch", "a DiTTransformer2DModel argument")
+    return fields
+
+
+@cache
+def transformer_arguments() -> dict[str, tuple[type, ...]]:
+    """DiTTransformer2DModel's arguments and the JSON types each takes (a float argument takes an int too)."""
+    hints = typing.get_type_hints(DiTTransformer2DModel.__init__)
+    hints.pop("return", None)
+    kinds = {name: typing.get_args(hint) or (hint,) for name, hint in hints.items()}
+    return {name: (*kind, int) if float in kind else kind for name, kind in kinds.items()}
+
+
+def full_arch(arch: dict) -> dict:
+    """`arch` with DiTTransformer2DModel's defaults for what it leaves out: a model config names a few arguments,
+    a stored record every one, and both describe the same architecture."""
+    parameters = inspect.signature(DiTTransformer2DModel.__init__).parameters
+    return {**{k: p.default for k, p in parameters.items() if p.default is not inspect.Parameter.empty}, **arch}
+
+
+def _check_fields(fields: dict, valid: dict[str, tuple[type, ...]], where: str, what: str) -> None:
+    for key, value in fields.items():
+        if key not in valid:
+            raise UserError(f"{where} has {_short(key)}, which is not {what}; valid: {', '.join(sorted(valid))}")
+        kinds = valid[key]
+        if not _fits(value, kinds):
+            takes = " or ".join("null" if kind is NONE else getattr(kind, "__name__", str(kind)) for kind in kinds)
+            raise UserError(f"{where}.{key}={_short(value)} is {_kind(value)}; it takes {takes}")
+
+
+def _fits(value, kinds: tuple) -> bool:
+    if not all(isinstance(kind, type) for kind in kinds):  # a hint such as Literal: any JSON scalar
+        return isinstance(value, (str, int, float, bool, NONE))
+    return isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))  # True is no int here
+
+
+def _kind(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _short(value, width: int = 60) -> str:
+    text = repr(value)  # quoted and escaped: a newline in a file's value stays on the one line
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def load_vae(path: Path) -> AutoencoderKL:

@@ -26,6 +26,8 @@ import math
 import torch
 from torch import nn
 
+from vq4dit.tensor_checks import check_floating, check_integral, check_only, check_shape, record_bool, record_int
+
 GRANULARITIES = ("tensor", "token", "token_group")
 STATIC_GRANULARITIES = ("tensor", "token_group")
 CLIP_PERCENTILES = (1.0, 0.99999, 0.9999, 0.999)  # static ranges: the candidate that quantizes with least MSE
@@ -132,12 +134,28 @@ class ActQuantizer(nn.Module):
 
     @classmethod
     def from_stored(cls, tensors: dict[str, torch.Tensor], record: dict) -> "ActQuantizer":
-        quantizer = cls(record["bits"], record["granularity"], record["dynamic"], record["symmetric"],
-                        record["group_size"], record["width"])
-        if not quantizer.dynamic:
-            quantizer.scale.copy_(tensors["scale"])
-            if "zero" in tensors:
-                quantizer.zero.copy_(tensors["zero"])
+        """The quantizer a record describes, its tensors checked against it: a dynamic one stores none, a static
+        one a scale per range and, asymmetric only, integer zero points (a symmetric grid's zero is 0)."""
+        optional = lambda key: None if record[key] is None else record_int(record, key, 1)  # noqa: E731
+        quantizer = cls(record_int(record, "bits", 2, 16), record["granularity"], record_bool(record, "dynamic"),
+                        record_bool(record, "symmetric"), optional("group_size"), optional("width"))
+        if quantizer.dynamic:
+            check_only(tensors, set(), PREFIX)
+            return quantizer
+        if quantizer.symmetric and "zero" in tensors:
+            raise ValueError("input quantizer record symmetric=true, but it stores zero points (input_quantizer.zero); "
+                             "valid: symmetric=false for a quantizer with zero points")
+        if not quantizer.symmetric and "zero" not in tensors:
+            raise ValueError("input quantizer record symmetric=false, but it stores no zero points "
+                             "(input_quantizer.zero); valid: symmetric=true for a quantizer without them")
+        check_only(tensors, {"scale"} | ({"zero"} if not quantizer.symmetric else set()), PREFIX)
+        for key, tensor in tensors.items():
+            check_shape(f"input_quantizer.{key}", tensor, tuple(quantizer.scale.shape))
+            check_floating(f"input_quantizer.{key}", tensor)
+        quantizer.scale.copy_(tensors["scale"])
+        if "zero" in tensors:
+            check_integral("input_quantizer.zero", tensors["zero"])
+            quantizer.zero.copy_(tensors["zero"])
         return quantizer
 
     def extra_repr(self) -> str:

@@ -4,42 +4,53 @@ Every quantized linear is stored in its deployed layer type's own form (`Quantiz
 codes, codebook or scales/zeros, bias) under `<layer>.<tensor>`, and the manifest records each layer's type,
 parameters and tensor names, so loading dispatches on the record, never on tensor names. Every other tensor of the
 transformer is stored as it is, once: a block's timestep/label embedder that equals block 0's is not stored again
-(`shared` in the manifest; models/embedders.py). The manifest also holds the model config (the architecture is
-rebuilt without the full-precision weights), the method and preset, per-block calibration statistics, and sizes
-counted from the stored tensors next to fp32/fp16.
+(`shared` in the manifest; models/embedders.py). The manifest also holds the model record (the architecture is
+rebuilt from it without the full-precision weights, always by `load_dit`: a checkpoint never chooses code), the
+method and preset, per-block calibration statistics, and sizes counted from the stored tensors next to fp32/fp16.
 
 Loading builds the architecture with its parameters on the meta device, reads one layer's tensors at a time
 from the file and puts the deployed layer in place, so the peak is the quantized model plus one layer's
 temporaries: the full-precision model is never allocated. Activation quantizers travel with their layers
 (static scales as tensors under `<layer>.input_quantizer.*`); attention-matmul quantizers, which hold no
 tensors, as the manifest's `attention_quantizers` settings.
+
+A checkpoint proves its bytes: the manifest holds every stored tensor's sha256 (`tensor_sha256`, version 5), and
+each tensor is hashed as it is read and refused, by name, when it differs; each layer's record is then checked
+against its tensors by its type's `from_stored` before the layer is used.
 """
 
 import json
 import os
 import shutil
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 
-from vq4dit.errors import UserError, instantiate
-from vq4dit.models import ConditionalDiT
+from vq4dit.errors import UserError
+from vq4dit.files import save_safetensors
+from vq4dit.models import ConditionalDiT, load_dit
+from vq4dit.models.dit import full_arch, record_arguments
 from vq4dit.models.embedders import share_embedders, shared_embedders
 from vq4dit.quant.attention_quantizer import attention_quantizer_record, install_attention_quantizers
 from vq4dit.quant.block_layers import replace_layer
-from vq4dit.quant.decode import DECODE_MODES, decode_once
-from vq4dit.quant.quantized_linear import QuantizedLinear, from_stored, is_weight_encoding, stored_form
-from vq4dit.quant.stored_checks import check_finite
+from vq4dit.quant.decode import DECODE_MODES
+from vq4dit.quant.quantized_linear import QuantizedLinear, decode_once, from_stored, is_weight_encoding, stored_form
+from vq4dit.tensor_checks import check_finite, tensor_digest
 
 FORMAT = "vq4dit-checkpoint"
-VERSION = 4  # 3: embedders equal to block 0's are stored once ("shared"); records name their tensors' dtypes
+# 3: embedders equal to block 0's are stored once ("shared"); records name their tensors' dtypes
 # 4: layers may carry input (activation) quantizers, the manifest attention-matmul quantizers
-READABLE_VERSIONS = (2, 3, 4)
+VERSION = 5  # 5: the manifest holds every stored tensor's sha256 (`tensor_sha256`), checked as each is read
+READABLE_VERSIONS = (2, 3, 4, 5)
+DIGESTS = "tensor_sha256"
 MANIFEST, TENSORS = "manifest.json", "model.safetensors"
+# model settings outside the architecture that change the model's function (class count and learned variance are
+# architecture: arch.num_embeds_ada_norm, arch.out_channels)
+FUNCTION_SETTINGS = ("timestep_shift", "guided_channels", "latent_scale")
 
 
 def is_quantized_checkpoint(path: Path) -> bool:
@@ -86,48 +97,44 @@ def save_quantized(model: ConditionalDiT, folder: Path, manifest: dict | None = 
         raise UserError(f"{folder} already exists; earlier results are never overwritten")
     state = stored_state(model.transformer)
     manifest = {"format": FORMAT, "version": VERSION, **manifest, "layers": state.layers, "shared": state.shared,
-                "sizes": size_report(state)}
+                "sizes": size_report(state), DIGESTS: tensor_digests(state.tensors)}
     attention = attention_quantizer_record(model.transformer)
     if attention is not None:  # settings only: the processors hold no tensors
         manifest["attention_quantizers"] = attention
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(state.tensors, tmp / TENSORS)
+    save_safetensors(state.tensors, tmp / TENSORS)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, folder)
     return folder
 
 
-def load_quantized(folder: Path, model_cfg: DictConfig | None = None, *, decode: str = "per_forward",
+def load_quantized(folder: Path, model_cfg: Mapping | None = None, *, decode: str = "per_forward",
                    dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> ConditionalDiT:
-    """Rebuild the architecture (from `model_cfg`, checked against the manifest, or from the manifest's own model
-    config) without its weights and fill it from the file on `device`. `decode="per_forward"` keeps the codes and
-    decodes each layer's weight in its forward; `"once"` makes every quantized layer a dense `nn.Linear` of
-    `dtype` (default fp32). `dtype` also sets the dtype of every full-precision tensor and of the activations;
+    """Rebuild the architecture without its weights and fill it from the file on `device`. The architecture is
+    the manifest's model record, built by `load_dit` and nothing else (a record naming other code is refused, a VAE
+    path in it is not opened); `model_cfg` (eval.py's model config, or any mapping of `load_dit`'s arguments) must
+    agree with it in name and arch, and gives the VAE, guidance and timestep shift. `decode="per_forward"` keeps the
+    codes and decodes each layer's weight in its forward; `"once"` makes every quantized layer a dense `nn.Linear`
+    of `dtype` (default fp32). `dtype` also sets the dtype of every full-precision tensor and of the activations;
     codebooks and scales keep their own."""
     folder = Path(folder)
     if decode not in DECODE_MODES:
         raise UserError(f"decode={decode}; valid: {', '.join(DECODE_MODES)}")
     manifest = read_manifest(folder)
-    stored = manifest["model"]
+    stored = record_arguments(manifest.get("model"), f"{folder / MANIFEST}: model")
     if model_cfg is None:
-        model_cfg = OmegaConf.create(stored)
-    elif stored["name"] != model_cfg.name:
-        raise UserError(f"checkpoint {folder} holds a quantized {stored['name']}, not model={model_cfg.name}; "
-                        f"pass model={stored['name']}")
-    elif stored["arch"] != OmegaConf.to_container(model_cfg.arch):
-        ours = OmegaConf.to_container(model_cfg.arch)
-        differ = [k for k in sorted(set(stored["arch"]) | set(ours)) if stored["arch"].get(k) != ours.get(k)]
-        raise UserError(f"checkpoint {folder} holds a quantized {stored['name']} with "
-                        + ", ".join(f"arch.{k}={stored['arch'].get(k)}" for k in differ)
-                        + f", not model={model_cfg.name}'s " + ", ".join(f"{ours.get(k)}" for k in differ)
-                        + "; pass " + " ".join(f"model.arch.{k}={stored['arch'].get(k)}" for k in differ))
-    model = instantiate(model_cfg, weights=None, empty=True)
+        model = _empty_model({**stored, "vae": None}, folder)
+    else:
+        given = record_arguments(plain_config(model_cfg), "model")
+        _check_same_model(folder, stored, given)
+        model = _empty_model(given, folder)
     transformer = model.transformer
     share_embedders(transformer, manifest.get("shared", {}))
+    digests = manifest_digests(manifest, folder)
     try:
-        with TensorFile(folder / TENSORS) as f:
+        with TensorFile(folder / TENSORS, digests) as f:
             keys = set(f.keys())
             read = lambda key: f.get_tensor(key).to(device)  # noqa: E731
             for name, layer, used in read_layers(read, keys, manifest["layers"]):
@@ -135,6 +142,8 @@ def load_quantized(folder: Path, model_cfg: DictConfig | None = None, *, decode:
                 replace_layer(transformer, name, _cast_bias(layer, dtype))
                 keys -= used
             rest = {key: _cast(_finite(key, read(key)), dtype) for key in keys}
+    except UserError:  # a refusal that names the tensor (a digest, a record): as it is
+        raise
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot read {folder / TENSORS}: {e}") from None
     install_attention_quantizers(model.blocks, manifest.get("attention_quantizers"))
@@ -149,6 +158,51 @@ def load_quantized(folder: Path, model_cfg: DictConfig | None = None, *, decode:
     return model
 
 
+def plain_config(cfg):
+    """A caller's model config as plain data: an OmegaConf node (Hydra's) resolved into dicts, another mapping
+    copied; anything else as it is, for `record_arguments` to refuse. omegaconf is never imported here: a node
+    of it exists only when its caller has imported it."""
+    omegaconf = sys.modules.get("omegaconf")
+    if omegaconf is not None and isinstance(cfg, omegaconf.Container):
+        return omegaconf.OmegaConf.to_container(cfg, resolve=True)
+    return dict(cfg) if isinstance(cfg, Mapping) else cfg
+
+
+def _check_same_model(folder: Path, stored: dict, given: dict) -> None:
+    """The caller's model config must describe the checkpoint's architecture (arguments it leaves out take their
+    defaults): say which values differ."""
+    if stored["name"] != given["name"]:
+        raise UserError(f"checkpoint {folder} holds a quantized {stored['name']}, not model={given['name']}; "
+                        f"pass model={stored['name']}")
+    ours, theirs = full_arch(given["arch"]), full_arch(stored["arch"])
+    differ = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    if differ:
+        raise UserError(f"checkpoint {folder} holds a quantized {stored['name']} with "
+                        + ", ".join(f"arch.{k}={theirs.get(k)}" for k in differ)
+                        + f", not model={given['name']}'s " + ", ".join(f"{ours.get(k)}" for k in differ)
+                        + "; pass " + " ".join(f"model.arch.{k}={theirs.get(k)}" for k in differ))
+    # the settings outside the architecture that change what the model computes, as it was calibrated
+    for key in FUNCTION_SETTINGS:
+        if key in stored and stored[key] != given.get(key):
+            raise UserError(f"checkpoint {folder} was calibrated with model.{key}={_json(stored[key])}, the command "
+                            f"gives model.{key}={_json(given.get(key))}; pass model.{key}={_json(stored[key])}")
+
+
+def _json(value) -> str:
+    return "null" if value is None else str(value)
+
+
+def _empty_model(arguments: dict, folder: Path) -> ConditionalDiT:
+    """`load_dit` (the one builder) on checked record fields, parameters on the meta device and no weights."""
+    try:
+        return load_dit(**{**arguments, "weights": None}, empty=True)
+    except UserError:
+        raise
+    except (TypeError, ValueError, NotImplementedError, RuntimeError, ArithmeticError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"checkpoint {folder}: its model record builds no {arguments['name']}: {reason}") from None
+
+
 class TensorFile:
     """Reads one tensor of a safetensors file at a time with plain file reads. safetensors' own reader maps the
     whole file, and every page it touched stays in the process's memory until the file is closed, so a load
@@ -158,7 +212,10 @@ class TensorFile:
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, digests: dict[str, str] | None = None):
+        """`digests`: the sha256 (`tensor_digest`) of every tensor in the file, each checked as it is read (None:
+        a checkpoint written before they were recorded)."""
+        self.path, self.digests = Path(path), digests
         self.file = open(path, "rb")  # noqa: SIM115 (closed by __exit__)
         length = int.from_bytes(self.file.read(8), "little")
         self.header = json.loads(self.file.read(length))
@@ -181,7 +238,15 @@ class TensorFile:
         self.file.seek(self.start + begin)
         if self.file.readinto(out.numpy()) != end - begin:
             raise ValueError(f"{key} is truncated")
-        return out.view(self.DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        tensor = out.view(self.DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        if self.digests is not None:  # hashed in place, as read: the peak stays one tensor
+            if key not in self.digests:
+                raise UserError(f"{self.path} holds tensor {key}, which the manifest's {DIGESTS} does not list: "
+                                "the file was changed after it was written")
+            if tensor_digest(tensor) != self.digests[key]:
+                raise UserError(f"{self.path}: tensor {key} does not match its sha256 in the manifest (the file is "
+                                "damaged or was edited); re-copy or rewrite the checkpoint")
+        return tensor
 
 
 def read_layers(read, keys: set[str], records: dict[str, dict]):
@@ -194,13 +259,41 @@ def read_layers(read, keys: set[str], records: dict[str, dict]):
         absent = [n for n in names if prefix + n not in keys]
         if absent or not names:
             raise UserError(f"the quantized checkpoint has no {prefix}{absent[0] if absent else '*'} tensor")
+        tensors = {n: _finite(prefix + n, read(prefix + n)) for n in names}  # a digest refuses here, by name
         try:
-            layer = from_stored({n: _finite(prefix + n, read(prefix + n)) for n in names}, record)
+            _check_dtypes(tensors, record.get("tensors"))
+            layer = from_stored(tensors, record)
         except (ValueError, KeyError, TypeError) as e:  # the manifest and the tensors disagree
             reason = f"its record lacks {e}" if isinstance(e, KeyError) else str(e)
             raise UserError(f"the quantized checkpoint's layer {name} ({record.get('type')!r}) is inconsistent: "
                             f"{reason}") from None
         yield name, layer, {prefix + n for n in names}
+
+
+def _check_dtypes(tensors: dict[str, torch.Tensor], recorded) -> None:
+    """A record (version 3 on) names each tensor's dtype: the file must hold that dtype."""
+    if not isinstance(recorded, dict):
+        return
+    for key, tensor in tensors.items():
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if recorded.get(key) != dtype:
+            raise ValueError(f"tensor {key} is {dtype}, its record says {recorded.get(key)}")
+
+
+def tensor_digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The manifest's `tensor_sha256`: every stored tensor's `tensor_digest`, by name."""
+    return {name: tensor_digest(tensors[name]) for name in sorted(tensors)}
+
+
+def manifest_digests(manifest: dict, folder: Path) -> dict[str, str] | None:
+    """The digests a load checks; None only for a checkpoint written before they were recorded (version < 5)."""
+    digests = manifest.get(DIGESTS)
+    if digests is None and manifest.get("version", VERSION) < 5:
+        return None
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        raise UserError(f"{Path(folder) / MANIFEST}: {DIGESTS}={str(digests)[:60]}; valid: a sha256 per stored "
+                        f"tensor, as a version-{manifest.get('version')} checkpoint writes")
+    return digests
 
 
 def _finite(key: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -252,7 +345,8 @@ def read_manifest(folder: Path) -> dict:
         raise UserError(f"{Path(folder) / MANIFEST} is not a {FORMAT} manifest")
     if manifest.get("version") not in READABLE_VERSIONS:
         raise UserError(f"{Path(folder) / MANIFEST} is format version {manifest.get('version')}; this code reads "
-                        f"versions {', '.join(map(str, READABLE_VERSIONS))} (re-run train.py to rewrite the checkpoint)")
+                        f"versions {', '.join(map(str, READABLE_VERSIONS))} "
+                        "(re-run train.py to rewrite the checkpoint)")
     return manifest
 
 
@@ -263,7 +357,7 @@ def size_report(state: StoredState) -> dict:
     apart; `model_bits_per_weight`: every stored byte per parameter of the transformer."""
     tensors, layers = state.tensors, state.layers
     nbytes = lambda names: sum(tensors[n].numel() * tensors[n].element_size() for n in names)  # noqa: E731
-    quantized = [n for n in tensors if n.rpartition(".")[0] in layers]  # the layers' own tensors (not input quantizers')
+    quantized = [n for n in tensors if n.rpartition(".")[0] in layers]  # the layers' own (not input quantizers')
     biases = [n for n in quantized if n.endswith(".bias")]
     weights = sum(r["shape"][0] * r["shape"][1] for r in layers.values())
     linear_params = weights + sum(tensors[n].numel() for n in biases)
@@ -271,7 +365,8 @@ def size_report(state: StoredState) -> dict:
     return {
         "model_bytes": nbytes(tensors), "model_fp32_bytes": 4 * total_params, "model_fp16_bytes": 2 * total_params,
         "model_params": total_params, "model_bits_per_weight": 8 * nbytes(tensors) / max(total_params, 1),
-        "blocks_bytes": nbytes(quantized), "blocks_fp32_bytes": 4 * linear_params, "blocks_fp16_bytes": 2 * linear_params,
+        "blocks_bytes": nbytes(quantized), "blocks_fp32_bytes": 4 * linear_params,
+        "blocks_fp16_bytes": 2 * linear_params,
         "blocks_encoding_bytes": nbytes(quantized) - nbytes(biases),
         "blocks_bits_per_weight": 8 * (nbytes(quantized) - nbytes(biases)) / max(weights, 1),
         "shared_embedders": len(state.shared),

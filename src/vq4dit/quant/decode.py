@@ -1,13 +1,21 @@
 """Running a quantized layer: decode its weight tile by tile just before the matmul, or once, to a dense layer.
 
 `decode=per_forward` keeps only codes (+ codebook / scales) resident. A forward decodes at most `TILE_WEIGHTS`
-weights at a time into a reused buffer (one per thread, device and dtype, shared by every layer) and runs a dense
-GEMM on each tile, writing straight into its columns of the output: the extra memory is one tile, not one layer,
-and the GEMM is the dense layer's own kernel. A VQ tile is one `index_select` of codebook rows; a row of d values
+weights at a time into a reused buffer (one per thread, device and dtype, shared by every layer) and runs the
+dense layer's own GEMM on it: the extra memory is one tile for the whole model, never one per layer. A layer that
+fits the budget is one tile, one decode + one `F.linear`: every DiT-XL/2 linear does (the largest, adaLN
+6912 x 1152, is 7.96 M weights), so 7 tiles a block, 196 a forward. A larger layer is cut into
+ceil(out / floor(TILE_WEIGHTS / in)) tiles of whole rows, each GEMM writing straight into its output columns.
+
+Precision is `nn.Linear`'s: the matmul runs in `compute_dtype(x)` (autocast's dtype when autocast is on for the
+input's device, else the input's), the tile is decoded straight into that dtype (the same values as casting the
+fp32 weight: one rounding) and the output has that dtype, so under `torch.autocast` a quantized model computes in
+bf16 / fp16 like the dense one. A VQ tile is one `index_select` of codebook rows; a row of d values
 is gathered as one machine word where d x itemsize is 2, 4, 8 or 16 bytes (bf16/fp16 at d=4 is one int64), which
 on a CPU is 2-3x faster than gathering d-wide rows.
 
-`decode=once` replaces every quantized layer by a dense `nn.Linear` of the chosen dtype: fp speed, fp memory.
+`decode=once` replaces every quantized layer by a dense `nn.Linear` of the chosen dtype: fp speed, fp memory
+(`dense_linear` here; `decode_once`, which walks a model for its quantized layers, in quantized_linear.py).
 """
 
 import threading
@@ -16,12 +24,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vq4dit.quant.act_quantizer import attach_input_quantizer, input_quantizer_of
-
 DECODE_MODES = ("per_forward", "once")
-TILE_WEIGHTS = 1 << 19  # weights decoded at a time: 2 MiB in fp32, 1 MiB in bf16/fp16 (+ 4 bytes a code of index)
+# Weights decoded at a time (8 Mi): the decode buffer is at most 32 MiB in fp32, 16 MiB in bf16/fp16, plus a VQ
+# layer's int32 index (4 / d bytes a weight) or a uniform layer's fp32 scratch (non-fp32 tiles only, <= 32 MiB).
+# Chosen from DiT-XL/2's shapes: its largest linear (adaLN, 6912 x 1152 = 7.96 M) fits, so every XL linear is one
+# tile; 2^19 (the earlier budget) cut an XL forward into 1,400 tiles (~4,000 decode and GEMM kernels).
+TILE_WEIGHTS = 1 << 23
 _WORD = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
+# The buffers live per thread, device, dtype and slot and are shared by every layer: a model in one dtype holds one
+# weight buffer (the largest tile it ran, <= TILE_WEIGHTS) and one index, whatever its number of layers. They are
+# kept between forwards rather than freed, since a fresh 32 MiB block per layer costs a CPU 8 k page faults (glibc
+# maps and unmaps blocks that large) and a GPU's caching allocator would hold it anyway; `release_workspace()`
+# frees them (a thread's also go when the thread ends).
 _buffers = threading.local()
+_tile_counters: list["TileCounter"] = []
+
+
+class TileCounter:
+    """Counts the tiles (one decode + one GEMM each) that per-forward layers run while it is active:
+    `with TileCounter() as count: model(x)`, then `count.tiles`."""
+
+    def __init__(self):
+        self.tiles = 0
+
+    def __enter__(self) -> "TileCounter":
+        _tile_counters.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _tile_counters.remove(self)
+
+
+def _count_tiles(n: int) -> None:
+    for counter in _tile_counters:
+        counter.tiles += n
+
+
+def release_workspace() -> None:
+    """Free this thread's decode buffers (the next per-forward layer allocates them again)."""
+    _buffers.__dict__.pop("pool", None)
 
 
 def workspace(numel: int, dtype: torch.dtype, device: torch.device, slot: str) -> torch.Tensor:
@@ -48,21 +89,45 @@ def gather_rows(table: torch.Tensor, codes: torch.Tensor, out: torch.Tensor) -> 
 
 
 def tile_rows(out_features: int, in_features: int) -> int:
+    """Rows of a tile: the whole layer when it has at most TILE_WEIGHTS weights, else as many rows as fit (>= 1)."""
     return max(1, min(out_features, TILE_WEIGHTS // in_features))
 
 
+def num_tiles(out_features: int, in_features: int) -> int:
+    """Tiles (decode + GEMM pairs) a forward of an out x in layer runs."""
+    return -(-out_features // tile_rows(out_features, in_features))
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype `nn.Linear` runs its matmul in (and returns) for the input `x`: autocast's where autocast is on
+    for x's device type and would cast x (floating point, not float64, as autocast's own rule), else x's dtype."""
+    kind = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(kind)
+    except RuntimeError:  # a device type without autocast (meta)
+        return x.dtype
+    if enabled and x.is_floating_point() and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
 def decoded_linear(layer, x: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, W, bias) with W decoded tile by tile by `layer.decode_rows` (no autograd)."""
+    """F.linear(x, W, bias) with W decoded tile by tile by `layer.decode_rows` (no autograd), in `compute_dtype(x)`:
+    under autocast, what an `nn.Linear` holding W computes (its inputs are cast to autocast's dtype here)."""
     out_features, in_features = layer.out_features, layer.in_features
-    bias = None if layer.bias is None else layer.bias.detach().to(x.dtype)
+    dtype = compute_dtype(x)
+    x = x.to(dtype)
+    bias = None if layer.bias is None else layer.bias.detach().to(dtype)
     rows = tile_rows(out_features, in_features)
-    buf = workspace(rows * in_features, x.dtype, x.device, "weight")
-    if rows == out_features:
+    buf = workspace(rows * in_features, dtype, x.device, "weight")
+    if rows == out_features:  # one tile: the very F.linear an nn.Linear runs (autocast finds its inputs cast)
         w = buf.view(out_features, in_features)
         layer.decode_rows(0, out_features, w)
+        _count_tiles(1)
         return F.linear(x, w, bias)
     x2 = x.reshape(-1, in_features)
-    y = torch.empty(x2.shape[0], out_features, dtype=x.dtype, device=x.device)
+    y = torch.empty(x2.shape[0], out_features, dtype=dtype, device=x.device)
+    _count_tiles(-(-out_features // rows))
     for start in range(0, out_features, rows):
         stop = min(start + rows, out_features)
         w = buf[: (stop - start) * in_features].view(stop - start, in_features)
@@ -88,18 +153,3 @@ def dense_linear(layer, dtype: torch.dtype) -> nn.Linear:
         linear.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
     return linear
 
-
-def decode_once(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every quantized layer of `model` by its dense `nn.Linear` (default dtype: the bias's, else fp32),
-    one layer at a time, so the peak is the dense model plus one layer's codes."""
-    from vq4dit.quant.quantized_linear import QuantizedLinear
-
-    names = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
-    for name in names:
-        layer = model.get_submodule(name)
-        chosen = dtype or (layer.bias.dtype if layer.bias is not None else torch.float32)
-        parent, _, child = name.rpartition(".")
-        # the dense layer keeps the quantized one's activation quantizer: decoding changes how, not what, it computes
-        dense = attach_input_quantizer(layer.to_dense(chosen), input_quantizer_of(layer))
-        setattr(model.get_submodule(parent) if parent else model, child, dense)
-    return model

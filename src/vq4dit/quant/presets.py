@@ -10,20 +10,21 @@ the granularity / group size / dynamic-or-static choice, each of which may be le
 
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import Literal
 
 from vq4dit.errors import UserError
+from vq4dit.settings import check_settings, setting
 
 
 @dataclass(frozen=True)
 class VQPreset:
-    k: int
-    d: int
+    k: int = setting(low=2)  # codewords per layer
+    d: int = setting(low=1)  # weights per codeword
     name: str = ""
     family = "vq"
 
     def __post_init__(self):
-        if self.k < 2 or self.d < 1:
-            raise UserError(f"quant.k={self.k}, quant.d={self.d}: need k >= 2 and d >= 1")
+        check_settings(self, "quant")
 
     @property
     def bits(self) -> float:
@@ -49,24 +50,22 @@ class VQPreset:
 
 @dataclass(frozen=True)
 class UniformPreset:
-    bits: int
-    group_size: int | None = None  # None: per output channel (one group spanning the input)
+    bits: int = setting(low=2, high=8)
+    group_size: int | None = setting(None, low=1)  # None: per output channel (one group spanning the input)
     symmetric: bool = False
     name: str = ""
     family = "uniform"
 
     def __post_init__(self):
-        if not 2 <= self.bits <= 8:
-            raise UserError(f"quant.bits={self.bits}; valid: 2..8")
-        if self.group_size is not None and self.group_size < 1:
-            raise UserError(f"quant.group_size={self.group_size}; valid: a positive width, or null (per channel)")
+        check_settings(self, "quant")
 
     def describe(self) -> str:
         groups = "per channel" if self.group_size is None else f"group {self.group_size}"
         return f"{self.bits} bits, {groups}, {'symmetric' if self.symmetric else 'asymmetric'}"
 
     def values_name(self) -> str:
-        return f"w{self.bits}{'pc' if self.group_size is None else f'g{self.group_size}'}{'-sym' if self.symmetric else ''}"
+        return (f"w{self.bits}{'pc' if self.group_size is None else f'g{self.group_size}'}"
+                f"{'-sym' if self.symmetric else ''}")
 
     def check(self, linears: dict) -> None:
         if self.group_size is None:
@@ -79,7 +78,6 @@ class UniformPreset:
 
 
 FAMILIES = {"vq": VQPreset, "uniform": UniformPreset}
-GRANULARITIES = ("tensor", "token", "token_group")
 
 
 @dataclass(frozen=True)
@@ -87,9 +85,9 @@ class ActPreset:
     """How the inputs of a method's quantized linears are fake-quantized; bits None: not at all (act=none).
     granularity, group_size and dynamic left None are the method's choice (`Method.act_defaults`)."""
 
-    bits: int | None = None
-    granularity: str | None = None   # tensor | token | token_group
-    group_size: int | None = None    # channels per range for token_group
+    bits: int | None = setting(None, low=2, high=16)  # None: activations stay in full precision
+    granularity: Literal["tensor", "token", "token_group"] | None = None
+    group_size: int | None = setting(None, low=1)     # channels per range for token_group
     dynamic: bool | None = None      # True: min-max of every call; False: static scales calibrated on the pool
     symmetric: bool = False
     attention: bool = False          # also the attention matmul inputs (q, k, v, softmax), dynamically per token
@@ -97,12 +95,7 @@ class ActPreset:
     family = "act"
 
     def __post_init__(self):
-        if self.bits is not None and not 2 <= self.bits <= 16:
-            raise UserError(f"act.bits={self.bits}; valid: 2..16, or null (activations in full precision)")
-        if self.granularity is not None and self.granularity not in GRANULARITIES:
-            raise UserError(f"act.granularity={self.granularity}; valid: {', '.join(GRANULARITIES)}")
-        if self.group_size is not None and self.group_size < 1:
-            raise UserError(f"act.group_size={self.group_size}; valid: a positive width")
+        check_settings(self, "act")
         if self.granularity == "token" and self.dynamic is False:
             raise UserError("act.granularity=token with act.dynamic=false; valid: static ranges are per tensor or "
                             "per channel group (token_group)")
@@ -131,5 +124,5 @@ class ActPreset:
 
 
 def preset_record(preset) -> dict:
-    """The preset as the manifest stores it."""
-    return {"family": preset.family, **asdict(preset)}
+    """The preset as the manifest stores it; an unnamed one (the Python API's) is named by its values."""
+    return {"family": preset.family, **asdict(preset), "name": preset.name or preset.values_name()}

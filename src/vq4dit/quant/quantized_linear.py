@@ -9,7 +9,8 @@ act_quantizer.py, a forward pre-hook) is stored with it by `stored_form` and rei
 every layer type.
 
 Inference (quant/decode.py): without autograd a forward decodes the weight tile by tile (`decode_rows`) into a
-reused buffer and runs the dense GEMM on each tile; `to_dense` gives the `nn.Linear` for `decode=once`. With
+reused buffer and runs the dense GEMM on each tile; `to_dense` gives the `nn.Linear` for `decode=once`, and
+`decode_once` (here, above decode.py, since it looks for this class) swaps them in throughout a model. With
 autograd (calibration trains codebooks, scales, biases) it goes through `dequantize()`, which is differentiable.
 """
 
@@ -19,9 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vq4dit.quant.act_quantizer import (PREFIX, attach_input_quantizer, input_quantizer_from_stored,
-                                        stored_input_quantizer)
-from vq4dit.quant.decode import decoded_linear, dense_linear
+from vq4dit.quant.act_quantizer import (
+    PREFIX,
+    attach_input_quantizer,
+    input_quantizer_from_stored,
+    input_quantizer_of,
+    stored_input_quantizer,
+)
+from vq4dit.quant.decode import compute_dtype, decoded_linear, dense_linear
 
 LAYER_TYPES: dict[str, type["QuantizedLinear"]] = {}
 
@@ -49,7 +55,9 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            # cast once to the dtype nn.Linear's matmul runs in (autocast's, else x's): one rounding, as autocast's
+            dtype = compute_dtype(x)
+            return F.linear(x, self.dequantize().to(dtype), None if self.bias is None else self.bias.to(dtype))
         return decoded_linear(self, x)
 
     def to_dense(self, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -99,8 +107,30 @@ def from_stored(tensors: dict[str, torch.Tensor], record: dict) -> QuantizedLine
         raise ValueError(f"unknown quantized layer type {kind!r}; known: {', '.join(sorted(LAYER_TYPES))}")
     own = {key: t for key, t in tensors.items() if not key.startswith(PREFIX)}
     layer = LAYER_TYPES[kind].from_stored(own, record)
-    return attach_input_quantizer(layer, input_quantizer_from_stored(tensors, record.get("input_quantizer")))
+    acting = record.get("input_quantizer")
+    if acting is None and len(own) < len(tensors):
+        raise ValueError(f"it stores {next(k for k in tensors if k.startswith(PREFIX))} but its record has no "
+                         "input_quantizer")
+    quantizer = input_quantizer_from_stored(tensors, acting)
+    if quantizer is not None and quantizer.width not in (None, layer.in_features):
+        raise ValueError(f"input quantizer record width={quantizer.width}; valid: the layer's input width "
+                         f"{layer.in_features}")
+    return attach_input_quantizer(layer, quantizer)
 
 
 def linear_bias(linear: nn.Linear) -> torch.Tensor | None:
     return None if linear.bias is None else linear.bias.detach().float().clone()
+
+
+def decode_once(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every quantized layer of `model` by its dense `nn.Linear` (default dtype: the bias's, else fp32),
+    one layer at a time, so the peak is the dense model plus one layer's codes."""
+    names = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    for name in names:
+        layer = model.get_submodule(name)
+        chosen = dtype or (layer.bias.dtype if layer.bias is not None else torch.float32)
+        parent, _, child = name.rpartition(".")
+        # the dense layer keeps the quantized one's activation quantizer: decoding changes how, not what, it computes
+        dense = attach_input_quantizer(layer.to_dense(chosen), input_quantizer_of(layer))
+        setattr(model.get_submodule(parent) if parent else model, child, dense)
+    return model

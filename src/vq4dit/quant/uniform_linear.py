@@ -14,9 +14,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vq4dit.quant.decode import workspace
 from vq4dit.quant.packing import pack_codes, unpack_codes
 from vq4dit.quant.quantized_linear import QuantizedLinear, linear_bias
-from vq4dit.quant.stored_checks import check_all_finite, check_bias, check_packed, check_shape
+from vq4dit.tensor_checks import (
+    check_all_finite,
+    check_bias,
+    check_codes_at_most,
+    check_floating,
+    check_only,
+    check_packed,
+    check_positive,
+    check_shape,
+    record_bool,
+    record_int,
+)
 
 SCALE_DTYPE = torch.float16
 
@@ -71,7 +83,8 @@ def group_width(in_features: int, group_size: int | None) -> int:
     return in_features if group_size is None else group_size
 
 
-def round_to_nearest(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> tuple[torch.Tensor, UniformGrid]:
+def round_to_nearest(w: torch.Tensor, bits: int, group_size: int | None,
+                     symmetric: bool) -> tuple[torch.Tensor, UniformGrid]:
     """RTN: (codes (out, in), grid with (out, groups) scales/zeros), every group fitted to its own min and max."""
     out_features, in_features = w.shape
     g = group_width(in_features, group_size)
@@ -113,9 +126,15 @@ class UniformLinear(QuantizedLinear):
 
     def decode_rows(self, start: int, stop: int, out: torch.Tensor) -> None:
         rows, groups = stop - start, self.scale.shape[1]
-        q = self.codes[start:stop].float().view(rows, groups, -1)  # in fp32, as dequantize(): then one rounding
-        w = (q - self.zero[start:stop, :, None].float()) * self.scale[start:stop, :, None].float()
-        out.copy_(w.view(rows, self.in_features))
+        # in fp32, as dequantize(), then one rounding; in place, in `out` itself when it is fp32, else in one shared
+        # fp32 scratch tile: a whole-layer tile (decode.TILE_WEIGHTS) makes no temporaries of its size
+        fp32 = out.dtype == torch.float32 and out.is_contiguous()
+        w = out if fp32 else workspace(rows * self.in_features, torch.float32, out.device, "uniform")
+        q = w.view(rows, groups, -1)
+        q.copy_(self.codes[start:stop].view(rows, groups, -1))
+        q.sub_(self.zero[start:stop, :, None].float()).mul_(self.scale[start:stop, :, None].float())
+        if not fp32:
+            out.copy_(w.view(rows, self.in_features))
 
     def stored(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {"codes_packed": pack_codes(self.codes.reshape(-1), self.bits),
@@ -127,26 +146,41 @@ class UniformLinear(QuantizedLinear):
 
     @classmethod
     def from_stored(cls, tensors: dict[str, torch.Tensor], record: dict) -> "UniformLinear":
-        (out_features, in_features), bits, groups = record["shape"], record["bits"], record["groups"]
-        group_size = record["group_size"]
-        if not 2 <= bits <= 8 or groups != (1 if group_size is None else in_features // group_size) \
+        (out_features, in_features), bits = record["shape"], record_int(record, "bits", 2, 8)
+        groups, symmetric = record_int(record, "groups", 1), record_bool(record, "symmetric")
+        group_size = None if record["group_size"] is None else record_int(record, "group_size", 1)
+        if groups != (1 if group_size is None else in_features // group_size) \
                 or (group_size is not None and in_features % group_size):
             raise ValueError(f"record bits={bits}, group_size={group_size}, groups={groups} does not describe a "
                              f"{out_features}x{in_features} layer")
+        # the grid's kind is in the tensors too: asymmetric layers store their zero points, symmetric ones none
+        # (their zero is 2^(b-1) - 1): a record whose flag disagrees would decode every weight off its grid
+        if symmetric and "zero_packed" in tensors:
+            raise ValueError("record symmetric=true, but the layer stores zero points (zero_packed); valid: "
+                             "symmetric=false for a layer with zero points")
+        if not symmetric and "zero_packed" not in tensors:
+            raise ValueError("record symmetric=false, but the layer stores no zero points (zero_packed); valid: "
+                             "symmetric=true for a layer without them")
+        check_only(tensors, {"codes_packed", "scale", "bias"} | ({"zero_packed"} if not symmetric else set()))
         check_packed("codes_packed", tensors["codes_packed"], out_features * in_features, bits)
         check_shape("scale", tensors["scale"], (out_features, groups))
-        if not record["symmetric"]:
+        check_floating("scale", tensors["scale"])
+        if not symmetric:
             check_packed("zero_packed", tensors["zero_packed"], out_features * groups, bits)
         check_bias(tensors, out_features)
         check_all_finite(tensors)
-        codes = unpack_codes(tensors["codes_packed"], bits, out_features * in_features).reshape(out_features, in_features)
-        scale = tensors["scale"].float()
-        if record["symmetric"]:
-            zero = torch.full_like(scale, (1 << (bits - 1)) - 1)
+        check_positive("scale", tensors["scale"])
+        codes = unpack_codes(tensors["codes_packed"], bits,
+                             out_features * in_features).reshape(out_features, in_features)
+        half = (1 << (bits - 1)) - 1
+        if symmetric:  # codes -half..half, stored shifted by half: 2^b - 1 is off the grid
+            check_codes_at_most("codes_packed", codes, 2 * half)
+            zero = torch.full_like(tensors["scale"], half, dtype=torch.float32)
         else:
             zero = unpack_codes(tensors["zero_packed"], bits, out_features * groups).reshape(out_features, groups)
-        return cls(codes, scale, zero, bits, record["group_size"], record["symmetric"], tensors.get("bias"))
+        return cls(codes, tensors["scale"].float(), zero, bits, group_size, symmetric, tensors.get("bias"))
 
     def extra_repr(self) -> str:
         groups = "per channel" if self.group_size is None else f"group {self.group_size}"
-        return f"{self.in_features}->{self.out_features}, {self.bits} bits, {groups}, {'sym' if self.symmetric else 'asym'}"
+        return (f"{self.in_features}->{self.out_features}, {self.bits} bits, {groups}, "
+                f"{'sym' if self.symmetric else 'asym'}")

@@ -20,8 +20,16 @@ from vq4dit.quant.decode import gather_rows
 from vq4dit.quant.kmeans import add_rows, kmeans, nearest
 from vq4dit.quant.packing import code_bits, pack_codes, smallest_code_dtype, unpack_codes
 from vq4dit.quant.quantized_linear import QuantizedLinear, linear_bias
-from vq4dit.quant.stored_checks import (check_all_finite, check_bias, check_codes_below, check_packed,
-                                        check_shape)
+from vq4dit.tensor_checks import (
+    check_all_finite,
+    check_bias,
+    check_codes_below,
+    check_floating,
+    check_only,
+    check_packed,
+    check_shape,
+    record_int,
+)
 
 CODEBOOK_DTYPE = torch.float16  # how codebooks are stored
 SATURATED = 1e4                 # a frozen sub-vector's logits: 0 on its codeword, -SATURATED on the others
@@ -136,13 +144,15 @@ class VQLinear(QuantizedLinear):
 
     @classmethod
     def from_stored(cls, tensors: dict[str, torch.Tensor], record: dict) -> "VQLinear":
-        (out_features, in_features), k, d = record["shape"], record["k"], record["d"]
-        if d < 1 or in_features % d or record["num_codes"] != out_features * in_features // d \
+        (out_features, in_features), k, d = record["shape"], record_int(record, "k", 1), record_int(record, "d", 1)
+        if in_features % d or record["num_codes"] != out_features * in_features // d \
                 or record["code_bits"] != code_bits(k):
             raise ValueError(f"record k={k}, d={d}, code_bits={record['code_bits']}, num_codes={record['num_codes']}"
                              f" does not describe a {out_features}x{in_features} layer")
         check_packed("codes_packed", tensors["codes_packed"], record["num_codes"], record["code_bits"])
         check_shape("codebook", tensors["codebook"], (k, d))
+        check_floating("codebook", tensors["codebook"])
+        check_only(tensors, {"codes_packed", "codebook", "bias"})
         check_bias(tensors, out_features)
         check_all_finite(tensors)
         codes = unpack_codes(tensors["codes_packed"], record["code_bits"], record["num_codes"])

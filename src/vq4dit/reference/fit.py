@@ -9,11 +9,11 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from vq4dit.data.digits import digits, split
 from vq4dit.errors import UserError
+from vq4dit.files import save_safetensors
 from vq4dit.models.checkpoint_io import save_diffusers_folder
 from vq4dit.models.classifier import DigitClassifier
 from vq4dit.models.dit import build_transformer
@@ -25,6 +25,7 @@ def fit_reference(cfg: DictConfig) -> Path:
     out = Path(cfg.reference.out)
     if out.exists():
         raise UserError(f"reference.out={out} already exists; pass another reference.out (nothing is overwritten)")
+    out.parent.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_num_threads(cfg.threads) if cfg.get("threads") else None
     fit = {"dit": _fit_dit, "classifier": _fit_classifier}[cfg.reference.kind]
@@ -75,7 +76,7 @@ def _fit_classifier(cfg: DictConfig, out: Path) -> Path:
                "train_images": len(train_idx), "heldout_images": len(test_idx), "heldout_accuracy": round(acc, 4),
                "wall_time_s": round(time.time() - start, 1)}
     tmp = out.with_name(out.name + ".tmp")
-    save_file(classifier.state_dict(), tmp, metadata={"summary": json.dumps(summary)})
+    save_safetensors(classifier.state_dict(), tmp, metadata={"summary": json.dumps(summary)})
     tmp.rename(out)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     return out

@@ -16,9 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from vq4dit.errors import UserError
+from vq4dit.files import save_safetensors
 from vq4dit.metrics import psnr
 from vq4dit.models import ConditionalDiT
 from vq4dit.quant.act_quantizer import ActQuantizer, attach_input_quantizer
@@ -88,7 +89,7 @@ class CandidateScore:
             return load_file(path)["images"]
         images = self._sample(fp_model)
         if path is not None:
-            save_file({"images": images.contiguous()}, path)
+            save_safetensors({"images": images.contiguous()}, path)
         return images
 
     @torch.no_grad()

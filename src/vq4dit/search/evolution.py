@@ -19,42 +19,38 @@ import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from tqdm.auto import tqdm
 
 from vq4dit.errors import UserError
 from vq4dit.seeds import stream_seed
-
-SCORES = ("psnr", "fid", "hidden_mse")  # how candidates are scored: search/candidate_score.py
+from vq4dit.settings import check_settings, setting
 
 Genome = tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class SearchSettings:
-    generations: int = 4
-    population: int = 8
-    select: int = 4
-    mutations: int = 2
-    crossovers: int = 2
-    mutation_prob: float = 0.1
-    score: str = "psnr"     # what a candidate is scored by (search/candidate_score.py)
-    samples: int = 32       # samples per candidate (psnr, fid) or held-out pool rows (hidden_mse: all of them)
+    """Q-DiT's evolutionary search (method.search.*)."""
+
+    generations: int = setting(4, low=0)  # 0: no search, every layer at the base group size
+    population: int = setting(8, low=1)
+    select: int = setting(4, low=1)       # parents kept as they are (elitism)
+    mutations: int = setting(2, low=0)
+    crossovers: int = setting(2, low=0)   # the rest of the population: random legal candidates
+    mutation_prob: float = setting(0.1, low=0, high=1)
+    score: Literal["psnr", "fid", "hidden_mse"] = "psnr"  # what a candidate is scored by (candidate_score.py)
+    samples: int = setting(32, low=2)  # samples per candidate (psnr, fid) or held-out pool rows (hidden_mse: all)
 
     def __post_init__(self):
-        for key in ("population", "select", "samples"):
-            if getattr(self, key) < 1:
-                raise UserError(f"method.search.{key}={getattr(self, key)}; valid: a positive integer")
-        if self.generations < 0 or self.mutations < 0 or self.crossovers < 0:
-            raise UserError(f"method.search: generations={self.generations}, mutations={self.mutations}, "
-                            f"crossovers={self.crossovers}; valid: non-negative integers")
-        if self.select > self.population or self.select + self.mutations + self.crossovers > self.population:
+        check_settings(self, "method.search")
+        if self.select + self.mutations + self.crossovers > self.population:
             raise UserError(f"method.search: select={self.select} + mutations={self.mutations} + crossovers="
                             f"{self.crossovers} exceed population={self.population}")
-        if self.score not in SCORES:
-            raise UserError(f"method.search.score={self.score}; valid: {', '.join(SCORES)}")
-        if not 0 <= self.mutation_prob <= 1:
-            raise UserError(f"method.search.mutation_prob={self.mutation_prob}; valid: a probability in [0, 1]")
+
+
+SCORES = get_args(SearchSettings.__annotations__["score"])  # how candidates are scored: candidate_score.py
 
 
 class EvolutionSearch:
@@ -107,7 +103,7 @@ class EvolutionSearch:
 
     def _initial(self) -> list[Genome]:
         rng, population = self._rng(-1), [self.start]
-        self._fill(population, set(population), lambda: self._random(rng), self.settings.population)
+        self._fill(population, set(population), lambda: self.random_genome(rng), self.settings.population)
         return population
 
     def _next(self, parents: list[Genome], scores: dict, generation: int) -> list[Genome]:
@@ -122,10 +118,10 @@ class EvolutionSearch:
 
         self._fill(population, seen, mutate, len(parents) + s.mutations)
         self._fill(population, seen, cross, len(parents) + s.mutations + s.crossovers)
-        self._fill(population, seen, lambda: self._random(rng), s.population)
+        self._fill(population, seen, lambda: self.random_genome(rng), s.population)
         return population
 
-    def _random(self, rng: random.Random) -> Genome:
+    def random_genome(self, rng: random.Random) -> Genome:
         """Uniform genes, then random genes raised one choice at a time until the candidate is legal: a budget
         at the base size rejects almost every uniform draw, and larger groups always cost less."""
         genome = [rng.choice(self.choices) for _ in range(self.genes)]

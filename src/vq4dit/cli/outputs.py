@@ -19,7 +19,7 @@ def check_no_results(folder: Path, results: tuple[str, ...]) -> None:
                             "(choose another hydra.run.dir or paths.log_dir)")
 
 
-def check_writable(folder: Path) -> None:
+def check_writable(folder: Path, key: str = "paths.log_dir (or hydra.run.dir)") -> None:
     """`folder` can be created and written (tried for real: permissions, read-only mounts, a file in the way)."""
     existing = _existing_ancestor(folder)
     try:
@@ -28,7 +28,7 @@ def check_writable(folder: Path) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".vq4dit-write-test-", dir=existing))
     except OSError as e:
         raise UserError(f"output folder {folder} cannot be written ({e.strerror or e}); choose a writable "
-                        "paths.log_dir (or hydra.run.dir)") from None
+                        f"{key}") from None
 
 
 def check_free_space(folder: Path, nbytes: int) -> None:

@@ -3,7 +3,7 @@
 A thin Hydra job around the Python API (`vq4dit.calibration.pipeline.quantize_model`): build the model, the
 method with its preset, the pool and the Trainer settings from the config, check everything before any work
 (the device and devices too), run the block loop with a resume cache keyed by the config, and write the
-checkpoint. `dry_run=true` stops after the checks and prints what the run would need (`vq4dit.estimate`).
+checkpoint. `dry_run=true` stops after the checks and prints what the run would need (`vq4dit.cli.estimate`).
 """
 
 import copy
@@ -12,28 +12,27 @@ import json
 import logging
 import os
 import shlex
+import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vq4dit.artifacts import image_grid
+from vq4dit.artifacts import image_grid, write_json
 from vq4dit.calibration.block_cache import BlockCache, tensors_digest
 from vq4dit.calibration.block_parallel import check_spreadable
-from vq4dit.calibration.model_fit import ModelFitSettings
 from vq4dit.calibration.pipeline import default_trainer, quantize_model, resolve_student_inputs
-from vq4dit.calibration.zero_data import ZeroDataBlockInputs, check_pool_sizes
-from vq4dit.config_schema import validate
+from vq4dit.calibration.zero_data import ZeroDataBlockInputs
+from vq4dit.cli.config_schema import validate
+from vq4dit.cli.outputs import TRAIN_RESULTS, check_no_results
 from vq4dit.devices import resolve_device, resolve_devices
 from vq4dit.errors import instantiate
-from vq4dit.methods.base import FitSettings, Method
-from vq4dit.outputs import TRAIN_RESULTS, check_no_results
+from vq4dit.methods.base import Method
 from vq4dit.precision import check_precision
 from vq4dit.quant.block_layers import block_linears
-from vq4dit.quant.checkpoint import save_quantized
 from vq4dit.sampling import balanced_labels
 from vq4dit.seeds import stream_seed
 
@@ -68,50 +67,50 @@ def quantize(cfg: DictConfig) -> Path:
 
 
 def _quantize(cfg: DictConfig) -> Path:
+    """Config -> objects -> `quantize_model` -> `QuantizationResult.save`: everything the API does not own (the
+    resume cache's key, the logger, sample grids) is the job's."""
     method = build_method(cfg)
-    fit, model_fit = FitSettings(**cfg.fit), ModelFitSettings(**cfg.model_fit)
+    fit, model_fit, pool_settings = instantiate(cfg.fit), instantiate(cfg.model_fit), instantiate(cfg.pool)
     out = Path(cfg.paths.output_dir)
     check_no_results(out, TRAIN_RESULTS)
     device, devices = resolve_device(cfg.device), configured_devices(cfg)
     check_precision(cfg.precision)
-    pool_cfg = cfg.pool
-    check_pool_sizes(**{k: v for k, v in pool_cfg.items() if k != "student_inputs"})
-    student_inputs = resolve_student_inputs(pool_cfg.student_inputs, method, len(resolve_devices(device, devices)))
+    student_inputs = resolve_student_inputs(pool_settings.student_inputs, method,
+                                            len(resolve_devices(device, devices)))
     model = instantiate(cfg.model).to(device)
     method.check(block_linears(model.blocks[0]))
     folder = block_cache_folder(cfg, method, out, weights_digest(model), student_inputs)
     cache = BlockCache(folder, key=folder.name)
     logger = instantiate(cfg.logger)
     sampler = instantiate(cfg.sampler)
-    pool = ZeroDataBlockInputs(model, sampler, pool_cfg.trajectories, pool_cfg.size, cfg.seed,
-                               pool_cfg.heldout_trajectories, pool_cfg.heldout_size)
+    mark = time.time()
+    pool = ZeroDataBlockInputs.of(model, sampler, pool_settings, cfg.seed)
+    pool_seconds = time.time() - mark
     fp_model = copy.deepcopy(model) if cfg.log_samples else None
     trainer = default_trainer(device, logger, instantiate(cfg.trainer), precision=cfg.precision)
     result = quantize_model(model, method, pool, device=device, devices=devices, precision=cfg.precision,
                             seed=cfg.seed, fit=fit, student_inputs=student_inputs, cache=cache,
                             trainer=trainer, logger=logger, output_dir=out, scorer=lambda: instantiate(cfg.metric),
                             model_fit=model_fit)
-    manifest = {"model": OmegaConf.to_container(cfg.model, resolve=True), "method": method.record(),
-                "fit": asdict(fit) if method.fits else None,
-                "pool": {**OmegaConf.to_container(pool_cfg), "trajectories": pool.trajectories,
-                         "student_inputs": result.student_inputs},
-                "sampler": OmegaConf.to_container(cfg.sampler, resolve=True), "seed": cfg.seed,
-                "precision": cfg.precision, "threads": cfg.threads, "debug": debug_preset(cfg),
-                "calibration_seconds": round(result.seconds, 1),
-                "blocks": result.blocks,
-                **({"model_fit": {**asdict(model_fit), **result.model_fit}} if result.model_fit else {})}
-    ckpt = save_quantized(model, out / "checkpoint", manifest)
+    debug = debug_preset(cfg)
+    mark = time.time()
+    ckpt = result.save(out / "checkpoint", {"debug": debug} if debug else None)
+    phases = {"pool": pool_seconds, **result.phases, "saving": time.time() - mark}
     if fp_model is not None:
+        mark = time.time()
         _log_sample_grids(logger, fp_model, model, sampler, cfg)
+        phases["sample grids"] = time.time() - mark
     logger.finalize("success")
-    log.info("wrote %s (calibration %.1f s)", ckpt, result.seconds)
+    write_json(out / "phases.json", {k: round(v, 2) for k, v in phases.items()})
+    log.info("phases: %s; total %.1f s", ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()),
+             sum(phases.values()))
     return ckpt
 
 
 def configured_devices(cfg: DictConfig) -> int | list[int]:
     """`devices` as given (N or CUDA indices), after checking that this machine has them."""
     devices = cfg.devices if isinstance(cfg.devices, int) else list(cfg.devices)
-    check_spreadable(cfg.pool.student_inputs, len(resolve_devices(cfg.device, devices)))
+    check_spreadable(cfg.pool.get("student_inputs"), len(resolve_devices(cfg.device, devices)))
     return devices
 
 
@@ -125,13 +124,18 @@ def block_cache_folder(cfg: DictConfig, method: Method, out: Path, weights: str,
     keyed["model"]["weights"] = weights  # overwritten weights at the same path are other weights
     keyed["pool"]["student_inputs"] = student_inputs  # resolved: null means the method's choice
     keyed["sampler"].pop("batch_size", None)  # how many trajectories are sampled at once changes no row
-    keyed.update(method=method.record(), fit=OmegaConf.to_container(cfg.fit) if method.fits else None, seed=cfg.seed,
+    keyed["pool"].pop("_target_", None)
+    fit = OmegaConf.to_container(cfg.fit) if method.fits else None
+    if fit is not None:
+        fit.pop("_target_", None)
+    keyed.update(method=method.record(), fit=fit, seed=cfg.seed,
                  precision=cfg.precision, threads=cfg.threads, deterministic=cfg.trainer.get("deterministic"),
                  cache_format=BlockCache.FORMAT)
     keyed["pool"]["rows"] = "balanced labels, even per trajectory"  # blocks cached from the earlier pool differ
     digest = hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
     act = f"-{method.act.name}" if method.activation.enabled else ""
-    folder = Path(cfg.paths.log_dir) / "train" / "cache" / f"{cfg.model.name}-{method.quant.name}{act}-{method.name}-{digest}"
+    folder = (Path(cfg.paths.log_dir) / "train" / "cache"
+              / f"{cfg.model.name}-{method.quant.name}{act}-{method.name}-{digest}")
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "config.json.tmp"
     tmp.write_text(json.dumps(keyed, indent=2, default=str) + "\n")

@@ -17,9 +17,14 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vq4dit.calibration.block_cost import (BlockCost, forward_flops, forward_seconds_per_row, measure_block,
-                                           synthetic_rows)
-from vq4dit.calibration.model_fit import ModelFitSettings, resolved
+from vq4dit.calibration.block_cost import (
+    BlockCost,
+    forward_flops,
+    forward_seconds_per_row,
+    measure_block,
+    synthetic_rows,
+)
+from vq4dit.calibration.model_fit import resolved
 from vq4dit.calibration.pipeline import resolve_student_inputs
 from vq4dit.calibration.zero_data import covering_trajectories
 from vq4dit.devices import available_devices, fits_on, resolve_device, resolve_devices
@@ -47,9 +52,9 @@ class Estimate:
 
 
 def estimate(cfg: DictConfig) -> Estimate:
-    from vq4dit.quantize import build_method  # (the job imports this module)
+    from vq4dit.cli.quantize import build_method  # (the job imports this module)
 
-    method, fit = build_method(cfg), FitSettings(**cfg.fit)
+    method, fit = build_method(cfg), instantiate(cfg.fit)
     assumed = cfg.estimate.tflops
     if assumed is not None and not assumed > 0:
         raise UserError(f"estimate.tflops={assumed}; valid: a positive throughput in TFLOP/s, or null to measure")
@@ -119,7 +124,7 @@ def estimate(cfg: DictConfig) -> Estimate:
         blocks_seconds = 2 * depth * teacher + math.ceil(depth / processes) * (block_seconds - teacher)
     # the model-level fit: a step runs every block forward and backward once; one block's fit step (whose soft
     # weights cost more than the fixed codes the model fit trains) times the depth bounds it from above
-    model_fit_steps = resolved(ModelFitSettings(**cfg.model_fit), method).iterations
+    model_fit_steps = resolved(instantiate(cfg.model_fit), method).iterations
     model_fit_seconds = model_fit_steps * depth * max(step_seconds, 3 * fit.batch_size * row_seconds)
     total = pool_seconds + blocks_seconds + model_fit_seconds
 

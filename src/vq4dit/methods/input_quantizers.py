@@ -3,7 +3,7 @@ the block's training rows (the full-precision block's inputs to each site, from 
 
 from torch import nn
 
-from vq4dit.calibration.block_data import BlockData
+from vq4dit.methods.block_data import BlockData
 from vq4dit.quant.act_quantizer import ActQuantizer, InputSample, calibrate_static
 from vq4dit.quant.block_layers import INPUT_SITES
 from vq4dit.quant.presets import ActPreset

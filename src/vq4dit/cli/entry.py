@@ -34,21 +34,85 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+# Hydra's flags. Those that print the composed config check it first (without the run folder, which they do not
+# make); a sweep (-m) checks every job's config before the first starts; help is Hydra's.
+PRINTING_FLAGS = {"--cfg": 1, "-c": 1, "--package": 1, "-p": 1, "--resolve": 0, "--info": 0, "-i": 0}
+SWEEP_FLAGS = ("-m", "--multirun")
+HELP_FLAGS = ("-h", "--help", "--hydra-help", "--version", "--shell-completion", "-sc")
+
+
 def preflight(config_dir: Path, config_name: str, results: tuple[str, ...],
-              expected_bytes: Callable[[DictConfig], int] | None = None, argv: list[str] | None = None) -> None:
-    """Check the command line's config before Hydra runs the job; exit 2 with one line if it is refused.
-    `results`: what the job writes into its run folder (refused if already there); `expected_bytes(cfg)`: how
-    much it writes (refused if the disk has less free). Flags (--multirun, --help, ...) are left to Hydra."""
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    if any(arg.startswith("-") for arg in overrides):
+              expected_bytes: Callable[[DictConfig], int] | None = None, argv: list[str] | None = None,
+              new_folders: tuple[str, ...] = ()) -> None:
+    """Check the command line's config, the final one Hydra will run, before Hydra runs the job; exit 2 with one
+    line if it is refused. `results`: what the job writes into its run folder (refused if already there);
+    `expected_bytes(cfg)`: how much it writes (refused if the disk has less free); `new_folders`: settings that
+    name a folder the job creates (refused if it exists or cannot be made)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if any(a in HELP_FLAGS for a in arguments):
         return
+    overrides, mode = _overrides(arguments)
+    output = next((o.split("=", 1)[1] for o in overrides if o.startswith("paths.output_dir=")), None)
+    if output is not None and not any(o.startswith("hydra.run.dir=") for o in overrides):
+        overrides.append(f"hydra.run.dir={output}")  # the run folder is the output folder given
+        if argv is None:
+            sys.argv.append(f"hydra.run.dir={output}")
     try:
+        if mode == "sweep":
+            for job in sweep_jobs(overrides):
+                _check_job(compose(config_dir, config_name, job), results, expected_bytes, new_folders, job)
+            return
         cfg = compose(config_dir, config_name, overrides)
-        check_config(cfg, results, expected_bytes)
+        if mode == "print":
+            from vq4dit.cli.config_schema import validate
+
+            validate(cfg)
+            return
+        check_config(cfg, results, expected_bytes, new_folders)
     except UserError as e:
         fail(str(e))
     if argv is None and not any(arg.startswith("hydra.run.dir=") for arg in overrides):
         sys.argv.append(f"hydra.run.dir='{cfg.paths.output_dir}'")  # the folder checked is the folder Hydra makes
+
+
+def _check_job(cfg: DictConfig, results, expected_bytes, new_folders, job: list[str]) -> None:
+    """One job of a sweep: its values and new folders (its run folder is a fresh numbered one under the sweep's)."""
+    from vq4dit.cli.config_schema import validate
+
+    try:
+        validate(cfg)
+        check_new_folders(cfg, new_folders)
+    except UserError as e:
+        raise UserError(f"sweep job {' '.join(job)}: {e}") from None
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The jobs of Hydra's basic sweeper: every combination of the comma-separated (or range/choice) values."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+               else [o.input_line] for o in parsed]
+    return [list(job) for job in itertools.product(*choices)]
+
+
+def _overrides(arguments: list[str]) -> tuple[list[str], str]:
+    """(the overrides, "run" | "print" | "sweep") of the arguments."""
+    overrides, mode, skip = [], "run", 0
+    for arg in arguments:
+        if skip:
+            skip -= 1
+        elif arg.split("=")[0] in PRINTING_FLAGS:
+            mode, skip = "print", 0 if "=" in arg else PRINTING_FLAGS[arg]
+        elif arg in SWEEP_FLAGS:
+            mode = "sweep"
+        elif arg.startswith("-"):
+            fail(f"{arg}: not a flag these commands take; valid: --cfg job|hydra|all, --resolve, --info, -m, --help")
+        else:
+            overrides.append(arg)
+    return overrides, mode
 
 
 def compose(config_dir: Path, config_name: str, overrides: list[str]) -> DictConfig:
@@ -70,11 +134,12 @@ def compose(config_dir: Path, config_name: str, overrides: list[str]) -> DictCon
 
 
 def check_config(cfg: DictConfig, results: tuple[str, ...],
-                 expected_bytes: Callable[[DictConfig], int] | None = None) -> None:
-    from vq4dit.config_schema import validate
-    from vq4dit.outputs import check_free_space, check_no_results, check_writable
+                 expected_bytes: Callable[[DictConfig], int] | None = None, new_folders: tuple[str, ...] = ()) -> None:
+    from vq4dit.cli.config_schema import validate
+    from vq4dit.cli.outputs import check_free_space, check_no_results, check_writable
 
     validate(cfg)
+    check_new_folders(cfg, new_folders)
     out = Path(cfg.paths.output_dir)
     check_no_results(out, results)
     check_writable(out)
@@ -82,6 +147,16 @@ def check_config(cfg: DictConfig, results: tuple[str, ...],
         check_free_space(out, expected_bytes(cfg))
     if not out.exists():
         _created_by_this_run.add(out.resolve())
+
+
+def check_new_folders(cfg: DictConfig, keys: tuple[str, ...]) -> None:
+    from vq4dit.cli.outputs import check_writable
+
+    for key in keys:
+        folder = Path(str(OmegaConf.select(cfg, key)))
+        if folder.exists():
+            raise UserError(f"{key}={folder} already exists; earlier results are never overwritten: give a new folder")
+        check_writable(folder, key)
 
 
 def _remove_fresh_run_folder() -> None:
@@ -119,6 +194,9 @@ def _one_line(e: BaseException, config_dir: Path, config_name: str, overrides: l
         try:
             cfg = compose(config_dir, config_name, rest)
             node = OmegaConf.select(cfg, parent) if parent else cfg
+            while node is None:  # the parent is missing too: name the nearest that exists
+                key, parent = parent, parent.rpartition(".")[0]
+                node = OmegaConf.select(cfg, parent) if parent else cfg
             known = ", ".join(k for k in node.keys() if not str(k).startswith("_") and k != "hydra")
             return f"{given}: {parent or 'the config'} has no setting {key.rpartition('.')[2]}; its settings: {known}"
         except UserError:

@@ -14,12 +14,12 @@ import torch
 from omegaconf import DictConfig
 
 from vq4dit.artifacts import fresh, grid_indices, image_grid, save_png, to_uint8, write_json
-from vq4dit.config_schema import validate
+from vq4dit.cli.config_schema import validate
+from vq4dit.cli.outputs import EVAL_RESULTS
 from vq4dit.devices import resolve_device
 from vq4dit.errors import UserError, instantiate
 from vq4dit.imagenet.adm_npz import AdmSampleWriter, open_npz_array
 from vq4dit.metrics import SamplesPSNR
-from vq4dit.outputs import EVAL_RESULTS
 from vq4dit.models import ConditionalDiT
 from vq4dit.quant.checkpoint import is_quantized_checkpoint, load_quantized
 from vq4dit.sampling import balanced_labels
@@ -111,7 +111,8 @@ def evaluate(cfg: DictConfig) -> dict:
     for k, v in metrics.items():
         if isinstance(v, float):
             logger.experiment.add_scalar(f"eval/{k}", v, 0)
-    logger.experiment.add_image("eval/samples", torch.from_numpy(grid), 0, dataformats="HW" if grid.ndim == 2 else "HWC")
+    logger.experiment.add_image("eval/samples", torch.from_numpy(grid), 0,
+                                dataformats="HW" if grid.ndim == 2 else "HWC")
     logger.finalize("success")
     log.info("metrics: %s", metrics)
     print("\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in metrics.items()))
