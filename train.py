@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
+from vq4dit.cli.build import build_method  # noqa: E402  (the method and its presets: checked before any work)
 from vq4dit.cli.entry import preflight, run  # noqa: E402
 from vq4dit.cli.outputs import TRAIN_RESULTS  # noqa: E402
 
@@ -31,5 +32,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    preflight(Path(__file__).parent / "configs", "train", results=TRAIN_RESULTS, expected_bytes=expected_bytes)
+    preflight(Path(__file__).parent / "configs", "train", results=TRAIN_RESULTS, expected_bytes=expected_bytes,
+              check_job=build_method)
     main()

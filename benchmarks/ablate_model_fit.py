@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from harness import ROOT, config, fresh_dir, write_results
 
-from vq4dit.calibration.model_fit import ModelFitSettings, fit_model, model_outputs
+from vq4dit.calibration.model_fit import fit_model, model_outputs
 from vq4dit.calibration.pipeline import default_trainer
+from vq4dit.calibration.settings import ModelFitSettings
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs
 from vq4dit.errors import instantiate
 from vq4dit.quant.checkpoint import load_quantized, read_manifest

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from harness import ROOT, config, fp_blocks, fresh_dir, write_results
 
-from vq4dit.cli.quantize import build_method
+from vq4dit.cli.build import build_method
 from vq4dit.methods.block_data import with_layers
 from vq4dit.quant.block_layers import INPUT_SITES, block_linears
 

@@ -22,7 +22,7 @@ from harness import ROOT, config, fresh_dir, write_results
 from vq4dit.calibration.block_calibration import BlockCalibration
 from vq4dit.calibration.block_cost import StepTimer, synthetic_rows
 from vq4dit.calibration.pipeline import BlockTrainers, quantize_block
-from vq4dit.cli.quantize import build_method
+from vq4dit.cli.build import build_method
 from vq4dit.errors import instantiate
 from vq4dit.methods.block_data import BlockData, with_layers
 from vq4dit.quant.block_layers import block_linears

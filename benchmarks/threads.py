@@ -29,7 +29,7 @@ def main() -> None:
     from vq4dit.calibration.block_cache import tensors_digest
     from vq4dit.calibration.pipeline import quantize_model
     from vq4dit.calibration.zero_data import ZeroDataBlockInputs
-    from vq4dit.cli.quantize import build_method
+    from vq4dit.cli.build import build_method
     from vq4dit.errors import instantiate
     from vq4dit.methods.base import FitSettings
     from vq4dit.quant.checkpoint import quantized_layers

@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from vq4dit.cli.quantize import build_method
+from vq4dit.cli.build import build_method
 from vq4dit.methods import GPTQ, RTN, ClassicVQ, KMeansVQ, PTQ4DiT, QDiT, VQ4DiT
 from vq4dit.models import ConditionalDiT
 from vq4dit.quant.presets import UniformPreset, VQPreset

@@ -9,7 +9,7 @@ from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs
-from vq4dit.cli.quantize import build_method
+from vq4dit.cli.build import build_method
 from vq4dit.errors import instantiate
 from vq4dit.methods.block_data import BlockData, with_layers
 from vq4dit.quant.block_layers import block_linears

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_decode import uniform_layer, vq_layer  # the same random layers as the decode tests
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -21,8 +22,6 @@ from vq4dit.quant.act_quantizer import ActQuantizer, attach_input_quantizer
 from vq4dit.quant.block_layers import QUANTIZED_LINEARS
 from vq4dit.quant.presets import UniformPreset, VQPreset
 from vq4dit.quant.quantized_linear import QuantizedLinear, decode_once
-from vq4dit.quant.uniform_linear import UniformLinear
-from vq4dit.quant.vq_linear import VQLinear
 
 
 def _cpu_autocast_supports(dtype: torch.dtype) -> bool:
@@ -38,17 +37,6 @@ def precision(dtype: torch.dtype | None):
     return torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
-def vq_layer(out_f: int, in_f: int, k: int, d: int, seed: int = 0) -> VQLinear:
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, k, (out_f * in_f // d,), generator=g)
-    return VQLinear(codes, torch.randn(k, d, generator=g), torch.randn(out_f, generator=g), out_f, in_f)
-
-
-def uniform_layer(out_f: int, in_f: int, bits: int, group: int | None, symmetric: bool) -> UniformLinear:
-    g = torch.Generator().manual_seed(1)
-    linear = nn.Linear(in_f, out_f)
-    linear.weight.data, linear.bias.data = torch.randn(out_f, in_f, generator=g), torch.randn(out_f, generator=g)
-    return UniformLinear.from_linear(linear, bits, group, symmetric)
 
 
 LAYERS = {  # d=4 (rows gathered as words), d=3 (the plain row gather), uniform grouped asymmetric and symmetric

@@ -21,7 +21,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 TRAIN_SMALL = ["pool.trajectories=2", "pool.size=32", "pool.heldout_trajectories=1", "pool.heldout_size=8",
                "sampler.steps=2", "fit.iterations=2", "log_samples=0", "trainer.enable_progress_bar=false",
                "estimate.steps=1"]
-VQ_SMALL = ["method.kmeans_iters=2"]
+VQ_SMALL = ["method.kmeans_iters=2", "method.kmeans_points_per_codeword=2"]
 QDIT_SMALL = ["method.search.generations=1", "method.search.population=2", "method.search.select=1",
               "method.search.mutations=0", "method.search.crossovers=1", "method.search.samples=4"]
 EVAL_SMALL = ["num_samples=20", "sampler.steps=2", "grid_columns=2"]
@@ -128,6 +128,7 @@ def run(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.docs
 @pytest.mark.parametrize("command", commands_here())
 def test_documented_command_runs(command, made, tmp_path):
     if ("<" in command or "..." in command) and "checkpoint" not in made:  # the first train.py run makes it

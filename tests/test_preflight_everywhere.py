@@ -56,7 +56,8 @@ def checkpoint(tmp_path_factory) -> Path:
     (["-m", "method=rtn,vq4dit", "quant=w3"], ["method=rtn", "uniform preset"]),  # every sweep job, first
 ], ids=["variance_type", "beta_schedule", "guided_channels", "devices", "cfg-job", "sweep"])
 def test_train_refuses_in_one_line(tmp_path, overrides, named):
-    result = cli("train.py", *TINY[:1], *overrides, f"paths.log_dir={tmp_path}")
+    flags = [o for o in overrides if o == "-m"]  # Hydra takes its flags before the overrides
+    result = cli("train.py", *flags, *TINY[:1], *(o for o in overrides if o != "-m"), f"paths.log_dir={tmp_path}")
     assert_refused(result, *named)
     assert not [p for p in tmp_path.rglob("*") if p.is_file()], "a refused command left files"
 
@@ -134,3 +135,32 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_header_that_claims_a_huge_tensor_is_refused_before_allocating(tmp_path, checkpoint):
+    """A safetensors header whose entry claims 1 TB (shape and offsets) is one line, not an allocation error."""
+    import shutil
+    import struct
+
+    from vq4dit.quant.checkpoint import load_quantized
+
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(checkpoint, copy)
+    raw = (copy / "model.safetensors").read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + length])
+    name = next(k for k in header if k != "__metadata__")
+    header[name] = {"dtype": "U8", "shape": [2**40], "data_offsets": [0, 2**40]}
+    text = json.dumps(header).encode()
+    (copy / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length:])
+    with pytest.raises(UserError, match=rf"tensor {name} claims bytes 0\.\.{2**40}") as e:
+        load_quantized(copy)
+    assert "\n" not in str(e.value)
+
+
+def test_eval_refuses_model_settings_the_checkpoint_was_not_calibrated_with(tmp_path, checkpoint):
+    """timestep_shift (and guided channels, latent scale) change what the model computes: the command may not
+    silently differ from the checkpoint (once, samples came out 37 dB apart)."""
+    assert_refused(cli("eval.py", f"ckpt={checkpoint}", "model=dit_tiny", "model.timestep_shift=1",
+                       "num_samples=20", "sampler.steps=2", f"paths.log_dir={tmp_path}"),
+                   "model.timestep_shift=0", "model.timestep_shift=1")

@@ -8,8 +8,8 @@ import torch
 
 from vq4dit.calibration.pipeline import default_trainer, quantize_block
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs
+from vq4dit.cli.build import build_method
 from vq4dit.cli.evaluate import load_model, sample_and_score
-from vq4dit.cli.quantize import build_method
 from vq4dit.errors import instantiate
 from vq4dit.methods import FitSettings
 from vq4dit.methods.block_data import BlockData

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 
 from vq4dit.calibration.block_cache import BlockCache
-from vq4dit.calibration.zero_data import PoolSettings, ZeroDataBlockInputs
+from vq4dit.calibration.settings import PoolSettings
+from vq4dit.calibration.zero_data import ZeroDataBlockInputs
 from vq4dit.errors import UserError
 from vq4dit.models import ConditionalDiT, load_dit
 from vq4dit.quant.checkpoint import load_quantized
@@ -31,8 +32,8 @@ from vq4dit.quant.presets import ActPreset, UniformPreset, VQPreset
 from vq4dit.sampling import Sampler
 
 if TYPE_CHECKING:  # imported on first use (CALIBRATION, below); named here for readers and type checkers
-    from vq4dit.calibration.model_fit import ModelFitSettings
     from vq4dit.calibration.pipeline import QuantizationResult, default_trainer, quantize_block, quantize_model
+    from vq4dit.calibration.settings import ModelFitSettings
     from vq4dit.methods import GPTQ, RTN, ClassicVQ, FitSettings, KMeansVQ, Method, PTQ4DiT, QDiT, VQ4DiT
 
 # The quantizing half needs the `calibrate` extra (Lightning, torchmetrics, ...) and is imported on first use, so
@@ -40,7 +41,7 @@ if TYPE_CHECKING:  # imported on first use (CALIBRATION, below); named here for 
 CALIBRATION = {
     **dict.fromkeys(("QuantizationResult", "default_trainer", "quantize_block", "quantize_model"),
                     "vq4dit.calibration.pipeline"),
-    "ModelFitSettings": "vq4dit.calibration.model_fit",
+    "ModelFitSettings": "vq4dit.calibration.settings",
     **dict.fromkeys(("GPTQ", "RTN", "ClassicVQ", "FitSettings", "KMeansVQ", "Method", "PTQ4DiT", "QDiT", "VQ4DiT"),
                     "vq4dit.methods"),
 }

@@ -8,33 +8,18 @@ layer type has), everything else stays frozen. It is one LightningModule and one
 and like a block it ships only if it beats what it started from on the pool's held-out rows.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
+from vq4dit.calibration.settings import ModelFitSettings
 from vq4dit.models import ConditionalDiT
 from vq4dit.precision import autocast
 from vq4dit.quant.quantized_linear import QuantizedLinear
 from vq4dit.seeds import generator
-from vq4dit.settings import check_settings, setting
-
-
-@dataclass(frozen=True)
-class ModelFitSettings:
-    """The model-level fit after the block loop (configs/model_fit/: default, none, outputs)."""
-
-    # 0: no model-level fit; None: the method's choice (`Method.model_fit_iterations`)
-    iterations: int | None = setting(None, low=0)
-    batch_size: int = setting(16, low=1)
-    lr: float = setting(3e-5, low=0, low_open=True)  # measured: benchmarks/results/ablation-model-fit
-    rmsprop_alpha: float = setting(0.9, low=0, high=1, low_open=True, high_open=True)
-    log_every: int = setting(10, low=1)
-
-    def __post_init__(self):
-        check_settings(self, "model_fit")
 
 
 def resolved(settings: "ModelFitSettings | None", method) -> "ModelFitSettings":

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from vq4dit.calibration.block_cache import BlockCache
 from vq4dit.calibration.block_calibration import BlockCalibration
 from vq4dit.calibration.block_parallel import quantize_blocks_in_parallel
-from vq4dit.calibration.model_fit import ModelFitSettings, fit_model, model_outputs, resolved
+from vq4dit.calibration.model_fit import fit_model, model_outputs, resolved
+from vq4dit.calibration.settings import ModelFitSettings
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs
 from vq4dit.devices import fits_on, lightning_accelerator, resolve_devices
 from vq4dit.errors import UserError

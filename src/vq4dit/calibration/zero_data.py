@@ -19,39 +19,18 @@ its teacher's outputs are computed once (AQLM/GPTQ-style) instead of re-running 
 
 import copy
 import logging
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
+from vq4dit.calibration.settings import PoolSettings
 from vq4dit.errors import UserError
 from vq4dit.models import ConditionalDiT
 from vq4dit.sampling import Sampler
 from vq4dit.seeds import generator, stream_seed
-from vq4dit.settings import check_settings, setting
 
 log = logging.getLogger(__name__)
 MIN_TRAJECTORIES = 64  # the default when the model has fewer classes
-
-
-@dataclass(frozen=True)
-class PoolSettings:
-    """The zero-data calibration pool (configs/pool/): block inputs captured from the fp model's own sampling."""
-
-    # null: one per class, at least 64 (DiT-XL/2: 1000); labels balanced over the classes
-    trajectories: int | None = setting(None, low=1)
-    # rows (x_t, t, y) kept, evenly per trajectory, its guided row first: what calibration trains on (only these
-    # rows are held while sampling, never every step's latents)
-    size: int = setting(2048, low=1)
-    heldout_trajectories: int = setting(8, low=1)  # trajectories of their own noise and labels, never trained on
-    heldout_size: int = setting(256, low=1)        # rows kept from them: block errors are measured here
-    # what a block's student sees: fp (paper: the fp blocks' outputs) | quantized (its quantized predecessor's
-    # outputs) | None: the method's choice (`Method.student_inputs`); fp whenever blocks run on several devices
-    student_inputs: Literal["fp", "quantized"] | None = None
-
-    def __post_init__(self):
-        check_settings(self, "pool")
 
 
 class ZeroDataBlockInputs:

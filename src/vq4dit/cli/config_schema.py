@@ -13,7 +13,7 @@ import fnmatch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vq4dit.cli.settings_configs import SETTINGS_GROUPS, settings_class
+from vq4dit.cli.settings_configs import CLASS_CHECKED, SETTINGS_GROUPS, settings_class
 from vq4dit.errors import UserError
 from vq4dit.settings import Rule, is_settings, rules, setting_fields, show
 
@@ -167,7 +167,7 @@ def _settings_node(cfg: DictConfig, key) -> type | None:
     """The settings class a top-level node is checked against: the dataclass its `_target_` names. A settings
     group whose `_target_` does not import is one line."""
     node = cfg._get_node(key)
-    if not OmegaConf.is_dict(node) or node._is_none() or "_target_" not in node:
+    if key not in CLASS_CHECKED or not OmegaConf.is_dict(node) or node._is_none() or "_target_" not in node:
         return None
     target = node.get("_target_")
     cls = settings_class(target)

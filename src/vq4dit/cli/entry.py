@@ -43,11 +43,12 @@ HELP_FLAGS = ("-h", "--help", "--hydra-help", "--version", "--shell-completion",
 
 def preflight(config_dir: Path, config_name: str, results: tuple[str, ...],
               expected_bytes: Callable[[DictConfig], int] | None = None, argv: list[str] | None = None,
-              new_folders: tuple[str, ...] = ()) -> None:
+              new_folders: tuple[str, ...] = (), check_job: Callable[[DictConfig], object] | None = None) -> None:
     """Check the command line's config, the final one Hydra will run, before Hydra runs the job; exit 2 with one
     line if it is refused. `results`: what the job writes into its run folder (refused if already there);
     `expected_bytes(cfg)`: how much it writes (refused if the disk has less free); `new_folders`: settings that
-    name a folder the job creates (refused if it exists or cannot be made)."""
+    name a folder the job creates (refused if it exists or cannot be made); `check_job(cfg)`: the job's own cheap
+    checks (train.py builds its method: a preset of another family), run for every job of a sweep too."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     if any(a in HELP_FLAGS for a in arguments):
         return
@@ -60,7 +61,7 @@ def preflight(config_dir: Path, config_name: str, results: tuple[str, ...],
     try:
         if mode == "sweep":
             for job in sweep_jobs(overrides):
-                _check_job(compose(config_dir, config_name, job), results, expected_bytes, new_folders, job)
+                _check_job(compose(config_dir, config_name, job), new_folders, check_job, job)
             return
         cfg = compose(config_dir, config_name, overrides)
         if mode == "print":
@@ -69,19 +70,24 @@ def preflight(config_dir: Path, config_name: str, results: tuple[str, ...],
             validate(cfg)
             return
         check_config(cfg, results, expected_bytes, new_folders)
+        if check_job is not None:
+            check_job(cfg)
     except UserError as e:
         fail(str(e))
     if argv is None and not any(arg.startswith("hydra.run.dir=") for arg in overrides):
         sys.argv.append(f"hydra.run.dir='{cfg.paths.output_dir}'")  # the folder checked is the folder Hydra makes
 
 
-def _check_job(cfg: DictConfig, results, expected_bytes, new_folders, job: list[str]) -> None:
-    """One job of a sweep: its values and new folders (its run folder is a fresh numbered one under the sweep's)."""
+def _check_job(cfg: DictConfig, new_folders, check_job, job: list[str]) -> None:
+    """One job of a sweep: its values, new folders and own checks (its run folder is a fresh numbered one under
+    the sweep's)."""
     from vq4dit.cli.config_schema import validate
 
     try:
         validate(cfg)
         check_new_folders(cfg, new_folders)
+        if check_job is not None:
+            check_job(cfg)
     except UserError as e:
         raise UserError(f"sweep job {' '.join(job)}: {e}") from None
 

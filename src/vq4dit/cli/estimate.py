@@ -27,6 +27,7 @@ from vq4dit.calibration.block_cost import (
 from vq4dit.calibration.model_fit import resolved
 from vq4dit.calibration.pipeline import resolve_student_inputs
 from vq4dit.calibration.zero_data import covering_trajectories
+from vq4dit.cli.build import build_method
 from vq4dit.devices import available_devices, fits_on, resolve_device, resolve_devices
 from vq4dit.errors import UserError, instantiate
 from vq4dit.methods.base import FitSettings
@@ -52,7 +53,6 @@ class Estimate:
 
 
 def estimate(cfg: DictConfig) -> Estimate:
-    from vq4dit.cli.quantize import build_method  # (the job imports this module)
 
     method, fit = build_method(cfg), instantiate(cfg.fit)
     assumed = cfg.estimate.tflops

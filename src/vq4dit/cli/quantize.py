@@ -15,7 +15,6 @@ import shlex
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from vq4dit.calibration.block_cache import BlockCache, tensors_digest
 from vq4dit.calibration.block_parallel import check_spreadable
 from vq4dit.calibration.pipeline import default_trainer, quantize_model, resolve_student_inputs
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs
+from vq4dit.cli.build import build_method
 from vq4dit.cli.config_schema import validate
 from vq4dit.cli.outputs import TRAIN_RESULTS, check_no_results
 from vq4dit.devices import resolve_device, resolve_devices
@@ -40,24 +40,6 @@ log = logging.getLogger(__name__)
 # The student deliberately stays in eval mode during fit (see BlockCalibration.train).
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-
-
-def build_method(cfg: DictConfig) -> Method:
-    """The configured method with its presets; a preset of another family is refused with one line."""
-    make = instantiate(cfg.method, _partial_=True, _convert_="all")  # (an object passed to instantiate would
-    return make(quant=named_preset(cfg, "quant"), act=named_preset(cfg, "act"))  # be turned back into a config)
-
-
-def named_preset(cfg: DictConfig, group: str):
-    """The preset of `group`, named as configured while its values are the named preset's; changed values are
-    named by themselves (`quant=w3 quant.k=3` is `k3-d2`, not w3), so no manifest or cache folder names something
-    else."""
-    preset = instantiate(cfg[group])
-    named = Path(cfg.paths.root_dir) / "configs" / group / f"{cfg[group].name}.yaml"
-    values = OmegaConf.load(named) if named.is_file() else None
-    if values is not None and all(cfg[group].get(k) == v for k, v in values.items() if k != "defaults"):
-        return preset
-    return replace(preset, name=preset.values_name())
 
 
 def quantize(cfg: DictConfig) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 SETTINGS_GROUPS = ("method", "fit", "model_fit", "pool")  # the groups whose options are settings classes
+CLASS_CHECKED = (*SETTINGS_GROUPS, "quant", "act")  # checked against their class (presets state every value)
 
 
 def register_settings(config_dir: Path) -> None:

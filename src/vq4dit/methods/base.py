@@ -26,7 +26,7 @@ the preset family it accepts, and `check` refuses presets and models it cannot a
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -34,7 +34,9 @@ from torch import nn
 from vq4dit.errors import UserError
 from vq4dit.methods.block_data import BlockData
 from vq4dit.methods.input_quantizers import build_input_quantizers
-from vq4dit.models import ConditionalDiT
+
+if TYPE_CHECKING:  # (importing the model's code would import diffusers into every command's preflight)
+    from vq4dit.models import ConditionalDiT
 from vq4dit.quant.act_quantizer import ActQuantizer, input_quantizer_of
 from vq4dit.quant.block_layers import INPUT_SITES
 from vq4dit.quant.presets import FAMILIES, ActPreset, preset_record
@@ -129,7 +131,7 @@ class Method:
                     raise UserError(f"act.group_size={group} does not divide the input width {width} of {site}")
 
     # -- model-level and per-block steps around the weights ---------------------------------------------------
-    def before_blocks(self, model: ConditionalDiT, run: RunContext) -> None:
+    def before_blocks(self, model: "ConditionalDiT", run: RunContext) -> None:
         """Once, on the full-precision model, before the block loop."""
 
     def transform_block(self, data: BlockData) -> None:

@@ -25,7 +25,6 @@ from vq4dit.errors import UserError
 from vq4dit.methods.gptq import GPTQ
 from vq4dit.quant.block_layers import INPUT_SITES, block_linears
 from vq4dit.quant.presets import UniformPreset
-from vq4dit.search.candidate_score import CandidateScore, candidate_model
 from vq4dit.search.evolution import EvolutionSearch, SearchSettings
 from vq4dit.search.group_sizes import SITES, GroupSizeSpace
 from vq4dit.settings import nested, setting
@@ -109,6 +108,10 @@ class QDiT(GPTQ):
             write_group_sizes(Path(run.output_dir) / RESULT_FILE, model, space, genes, self.search, result)
 
     def _search(self, model, run, space: GroupSizeSpace) -> dict:
+        # imported here: scoring samples brings the metrics and diffusers, which a command's preflight (it imports
+        # every method for its settings) should not pay for
+        from vq4dit.search.candidate_score import CandidateScore, candidate_model
+
         s = self.search
         work = Path(run.work_dir) if run.work_dir is not None else None
         score = CandidateScore(s.score, model, run.pool.sampler, s.samples, run.seed, pool=run.pool,

@@ -20,6 +20,7 @@ against its tensors by its type's `from_stored` before the layer is used.
 """
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -217,10 +218,29 @@ class TensorFile:
         a checkpoint written before they were recorded)."""
         self.path, self.digests = Path(path), digests
         self.file = open(path, "rb")  # noqa: SIM115 (closed by __exit__)
+        size = os.fstat(self.file.fileno()).st_size
         length = int.from_bytes(self.file.read(8), "little")
+        if not 2 <= length <= size - 8:
+            raise ValueError(f"its header claims {length} bytes in a file of {size}")
         self.header = json.loads(self.file.read(length))
+        if not isinstance(self.header, dict):
+            raise ValueError("its header is not a mapping of tensors")
         self.header.pop("__metadata__", None)
         self.start = 8 + length
+        for key, entry in self.header.items():  # what a tensor claims, against the file, before any allocation
+            self._check_entry(key, entry, size - self.start)
+
+    def _check_entry(self, key: str, entry, data_bytes: int) -> None:
+        try:
+            (begin, end), dtype, shape = entry["data_offsets"], entry["dtype"], list(entry["shape"])
+            width = torch.empty(0, dtype=self.DTYPES[dtype]).element_size()
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"tensor {key}'s header entry {entry!r} is not a safetensors entry") from None
+        if not all(isinstance(n, int) and n >= 0 for n in (begin, end, *shape)):
+            raise ValueError(f"tensor {key}'s header entry {entry!r} is not a safetensors entry")
+        if not begin <= end <= data_bytes or end - begin != math.prod(shape) * width:
+            raise ValueError(f"tensor {key} claims bytes {begin}..{end} of {dtype} {shape}; the file holds "
+                             f"{data_bytes} bytes of tensor data")
 
     def __enter__(self) -> "TensorFile":
         return self

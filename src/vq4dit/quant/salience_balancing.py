@@ -20,7 +20,6 @@ Folding (the paper's promise; its released code divides x by b online instead):
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 from torch import nn
 
 # diffusers' AdaLayerNormZero: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
@@ -40,7 +39,7 @@ def spearman_weights(act_salience: torch.Tensor, w_salience: torch.Tensor) -> to
     w = w_salience.cpu().double().numpy()
     rho = []
     for row in act_salience.cpu().double().numpy():
-        r = spearmanr(row, w).statistic if np.ptp(row) > 0 and np.ptp(w) > 0 else 0.0
+        r = _spearmanr(row, w).statistic if np.ptp(row) > 0 and np.ptp(w) > 0 else 0.0
         rho.append(0.0 if np.isnan(r) else float(r))
     return torch.softmax(-torch.tensor(rho, dtype=torch.float64), 0).to(act_salience.device, torch.float32)
 
@@ -87,3 +86,9 @@ def check_foldable(linears: dict[str, nn.Module]) -> str | None:
     if missing:
         return f"its blocks have no {missing[0]}"
     return None
+
+
+def _spearmanr(a, b):
+    from scipy.stats import spearmanr  # imported on use: scipy.stats takes a second to import
+
+    return spearmanr(a, b)
