@@ -13,7 +13,7 @@ from vq4dit.cli.entry import preflight, run  # noqa: E402
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="export")
 def main(cfg: DictConfig) -> None:
-    from vq4dit.deploy.export import export
+    from vq4dit.cli.export import export
 
     run(lambda: export(cfg))
 

@@ -18,8 +18,9 @@ from reference_dit import ReferenceDiT, random_original_state_dict  # noqa: E402
 
 import vq4dit  # noqa: E402,F401  (registers the backend)
 from vq4dit.api import RTN, KMeansVQ, Sampler, UniformPreset, VQPreset, calibration_pool, quantize_model  # noqa: E402
+from vq4dit.cli.export import export  # noqa: E402
 from vq4dit.deploy import diffusers_quantizer  # noqa: E402
-from vq4dit.deploy.export import export, export_diffusers  # noqa: E402
+from vq4dit.deploy.export import export_diffusers  # noqa: E402
 from vq4dit.deploy.synthetic import random_quantized_dit  # noqa: E402
 from vq4dit.errors import UserError  # noqa: E402
 from vq4dit.models import load_dit  # noqa: E402

@@ -11,7 +11,7 @@ import torch
 import yaml
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 
-from vq4dit.deploy.export import export
+from vq4dit.cli.export import export
 from vq4dit.deploy.pipeline import ConditionalDiTPipeline, export_pipeline
 from vq4dit.errors import UserError
 from vq4dit.metrics import load_classifier

@@ -22,15 +22,12 @@ from pathlib import Path
 import diffusers
 
 from vq4dit.deploy.diffusers_quantizer import VQ4DiTConfig
-from vq4dit.errors import UserError, instantiate
+from vq4dit.errors import UserError
 from vq4dit.files import save_safetensors
 from vq4dit.models import ConditionalDiT
 from vq4dit.quant.attention_quantizer import attention_quantizer_record
 from vq4dit.quant.checkpoint import (
     VERSION,
-    is_quantized_checkpoint,
-    load_quantized,
-    read_manifest,
     stored_state,
     tensor_digests,
 )
@@ -76,29 +73,3 @@ def check_weight_only(layers: dict[str, dict], attention: dict | None) -> None:
         where = f"{acting[0]} ({len(acting)} layers)" if acting else "the attention matmuls"
         raise UserError(f"this checkpoint quantizes activations at {where}: export carries weight-only "
                         "checkpoints (act=none); load it with vq4dit.api.load_quantized instead")
-
-
-def export(cfg) -> Path:
-    """export.py's job (`cfg`: its Hydra config): a quantized checkpoint (its manifest names the model) or
-    full-precision weights of `cfg.model`, written as a diffusers folder at `cfg.out`; with `cfg.pipeline`, as a
-    `ConditionalDiTPipeline` folder whose scheduler and call defaults are `cfg.sampler`'s."""
-    source, out = Path(cfg.ckpt), Path(cfg.out)
-    if out.exists():
-        raise UserError(f"out={out} already exists; earlier results are never overwritten")
-    if is_quantized_checkpoint(source):
-        manifest = read_manifest(source)
-        model = load_quantized(source)
-        provenance = {key: manifest[key] for key in ("method", "sizes") if key in manifest}
-    else:
-        model, provenance = instantiate(cfg.model, weights=str(source)), {"source": "full precision"}
-    if cfg.get("pipeline", False):
-        from vq4dit.deploy.pipeline import export_pipeline
-
-        folder = export_pipeline(model, out, instantiate(cfg.sampler.scheduler), cfg.decode, provenance,
-                                 cfg.sampler.guidance_scale, cfg.sampler.steps)
-        print(f"wrote {folder}: ConditionalDiTPipeline.from_pretrained({str(folder)!r}), "
-              "from vq4dit.deploy.pipeline")
-        return folder
-    folder = export_diffusers(model, out, cfg.decode, provenance)
-    print(f"wrote {folder}: DiTTransformer2DModel.from_pretrained({str(folder)!r}) after `import vq4dit`")
-    return folder
