@@ -97,7 +97,8 @@ def validate(cfg: DictConfig, skip: tuple[str, ...] = ("hydra",)) -> None:
     """Every leaf of `cfg` against its rule; one UserError line for the first bad or unknown value."""
     dry = bool(cfg.get("dry_run"))
     elsewhere = dry and OmegaConf.select(cfg, "estimate.tflops", default=None) is not None
-    settings = {key for key in cfg.keys() if key not in skip and _settings_node(cfg, key) is not None}
+    classes = {key: _settings_node(cfg, key) for key in cfg.keys() if key not in skip}
+    settings = {key: cls for key, cls in classes.items() if cls is not None}
     for key, value in leaves(cfg, skip + tuple(settings), unread=DRY_RUN_UNREAD if dry else ()):
         rule = rule_for(key)
         if rule is None:
@@ -108,7 +109,7 @@ def validate(cfg: DictConfig, skip: tuple[str, ...] = ("hydra",)) -> None:
         if not (dry and key in DRY_RUN_UNREAD):
             rule.check(key, value)
     for key in sorted(settings):
-        check_settings_node(str(key), cfg[key], _settings_node(cfg, key))
+        check_settings_node(str(key), cfg[key], settings[key])
     check_relations(cfg, check_devices=not elsewhere)
 
 
