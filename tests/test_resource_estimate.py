@@ -1,7 +1,10 @@
 """The dry run's estimate (`train.py dry_run=true`): FLOPs counted from the architecture equal the closed form of a
 DiT block, the predicted pool memory equals the pool a real run builds, and the predicted time is within 2x of
-the measured run (one CPU thread for both: with the 2 cores shared, thread contention would dominate both)."""
+the measured run (one CPU thread for both: with the 2 cores shared, thread contention would dominate both); it
+names every phase a real run writes to phases.json; for an assumed machine its work is counted, so its time
+follows the assumed throughput and not this CPU's speed."""
 
+import json
 import time
 
 import pytest
@@ -58,13 +61,63 @@ def test_estimate_is_within_2x_of_a_measured_run(compose_cfg, tmp_path, monkeypa
     assert measured / 2 < predicted.total_seconds < 2 * measured, (predicted.total_seconds, measured, str(predicted))
 
 
+def test_the_estimate_names_every_phase_a_run_writes(compose_cfg, tmp_path, one_thread):
+    """The defaults run a model-level fit (vq4dit) and sample grids: both are phases of the estimate, as are the
+    pool, the method's model-level step, the blocks and saving; a method without a model fit has none."""
+    tiny = ["model=dit_tiny", "fit.iterations=3", "pool.trajectories=2", "pool.size=32", "pool.heldout_size=8",
+            "pool.heldout_trajectories=1", "sampler.steps=2", "log_samples=2", "trainer.enable_progress_bar=false",
+            "quant.k=16", "quant.d=2", "estimate.steps=1"]
+    for method in ("method=vq4dit model_fit.iterations=2", "method=kmeans"):  # vq4dit's model fit, shortened
+        args, out = [*tiny, *method.split()], tmp_path / method.split()[0].removeprefix("method=")
+        predicted = estimate(compose_cfg("train", *args, "dry_run=true"))
+        quantize(compose_cfg("train", *args, f"paths.output_dir={out}"))
+        written = json.loads((out / "phases.json").read_text())
+        assert set(predicted.phases) == set(written), (predicted.phases, written)
+        assert ("model fit" in written) == ("vq4dit" in method) and "sample grids" in written
+        assert all(seconds > 0 for name, seconds in predicted.phases.items() if name != "model-level step")
+
+
 def test_an_assumed_throughput_scales_the_counted_work(compose_cfg):
     slow, fast = (estimate(compose_cfg("train", *SMALL, "dry_run=true", f"estimate.tflops={t}")) for t in (1e-3, 2e-3))
-    assert slow.pool_seconds == pytest.approx(2 * fast.pool_seconds)  # FLOPs / throughput
+    assert slow.phases["pool"] == pytest.approx(2 * fast.phases["pool"])  # FLOPs / throughput
     # a step is forward and backward (twice the forward's matmuls) of a batch of 16 rows
     assert slow.cost.step_flops == fast.cost.step_flops
     assert 2.5 * 16 * slow.cost.row_flops < slow.cost.step_flops < 3.5 * 16 * slow.cost.row_flops
-    assert slow.device_bytes == fast.device_bytes and "assumed 0.001 TFLOP/s" in str(slow)
+    assert slow.device_bytes == fast.device_bytes and "every counted FLOP at 0.001 TFLOP/s" in str(slow)
+
+
+def test_the_set_up_for_another_machine_is_its_counted_work_at_the_assumed_throughput(compose_cfg, monkeypatch):
+    """A block's set-up (k-means and the rest outside the fit steps) on an assumed machine: its counted FLOPs and
+    bytes at the assumed rates, or its ops at the host time per op measured here, whichever is longer. At rates
+    this low the device's share is the longer (by far): doubling both halves the set-up, and a CPU at half the
+    speed (every measured duration doubled) leaves it as it is; only a CPU so slow that its host share is the
+    longer sets it, as ops x the host time per op."""
+    import vq4dit.calibration.block_cost as block_cost
+
+    def run(tflops, tbps, slower=1.0):
+        clock = time.perf_counter
+        with monkeypatch.context() as patch:
+            patch.setattr(block_cost.time, "perf_counter", lambda: slower * clock())  # every duration x slower
+            return estimate(compose_cfg("train", *SMALL, "dry_run=true", f"estimate.tflops={tflops}",
+                                        f"estimate.tbps={tbps}"))
+
+    def counted(result):  # the same ops each run, give or take a few of Lightning's
+        work = result.cost.setup_work
+        return pytest.approx([work.flops, work.bytes, work.ops], rel=1e-3)
+
+    slow, fast = run(1e-6, 1e-6), run(2e-6, 2e-6)
+    work = slow.cost.setup_work
+    assert work.flops > 0 and work.bytes > 0 and work.ops > 0 and [work.flops, work.bytes, work.ops] == counted(fast)
+    device = work.flops / 1e-6 / 1e12 + work.bytes / 1e-6 / 1e12
+    assert slow.block["set-up"] == pytest.approx(device)
+    assert fast.block["set-up"] == pytest.approx(device / 2, rel=1e-3)
+    half_speed, crawling = run(1e-6, 1e-6, slower=2.0), run(1e-6, 1e-6, slower=1e4)
+    assert [work.flops, work.bytes, work.ops] == counted(half_speed)
+    assert [work.flops, work.bytes, work.ops] == counted(crawling)
+    assert half_speed.block["set-up"] == pytest.approx(device, rel=1e-3)
+    op = crawling.host_op_seconds[1]  # host time per op in a plain step, measured on the crawling CPU
+    assert op > 100 * slow.host_op_seconds[1]
+    assert crawling.block["set-up"] == pytest.approx(crawling.cost.setup_work.ops * op) and op * work.ops > device
 
 
 @pytest.mark.parametrize("override,message", [("estimate.tflops=0", "estimate.tflops=0; valid: a positive"),

@@ -2,23 +2,27 @@
 
 For the configured model, method, preset, pool, sampler, device(s) and precision: memory (the pool, the model, and
 per block the rows, the method's layers, their gradients, the optimizer's state and the activations saved for
-backward) and time (pool sampling, per block, in total). FLOPs are counted from the architecture and the method's
-own layers (`calibration.block_cost`); time is FLOPs divided by the throughput a short real run of the method on
-one block of random weights achieves on this machine, or, with `estimate.tflops=<T>`, by an assumed throughput
-and with `estimate.tbps=<B>` a memory bandwidth, to estimate another machine: a step then takes the longer of its
-device work (FLOPs / throughput + bytes moved / bandwidth) and its host side (Python, Lightning and op launches,
-measured here on a narrow copy of the block: the same ops at negligible arithmetic), and a block's set-up
-(k-means, GPTQ, Trainer) is what it measured here. No weights are read and nothing is written.
+backward) and the time of every phase the run writes to its `phases.json` (pool, model-level step, blocks, model
+fit, saving, sample grids), under the same names. FLOPs are counted from the architecture and the method's own
+layers (`calibration.block_cost`); time is measured by a short real run of the method on one block of random
+weights on this machine (its set-up, its fit steps, the quantized block's forward and a step of the model fit's
+share of the block) and scaled to the pool, the blocks and the steps. With `estimate.tflops=<T>` (and
+`estimate.tbps=<B>`) it is for another machine: that run is counted instead (FLOPs, bytes moved, ops), and every
+piece of work takes the longer of its device time (FLOPs / T + bytes / B) and its host side (its ops times the host
+time per op measured here on a narrow copy of the block: a Lightning fit step's for the steps, a plain step's for
+the set-up and the model fit); saving, host work, is taken as measured here; the pool's and the sample grids'
+forwards are FLOPs / T. No weights are read and nothing is written.
 """
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vq4dit.calibration.block_cost import (
     BlockCost,
+    Work,
     forward_flops,
     forward_seconds_per_row,
     measure_block,
@@ -26,11 +30,13 @@ from vq4dit.calibration.block_cost import (
 )
 from vq4dit.calibration.model_fit import resolved
 from vq4dit.calibration.pipeline import resolve_student_inputs
+from vq4dit.calibration.settings import ModelFitSettings
 from vq4dit.calibration.zero_data import covering_trajectories
 from vq4dit.cli.build import build_method
+from vq4dit.cli.quantize import torch_threads
 from vq4dit.devices import available_devices, fits_on, resolve_device, resolve_devices
 from vq4dit.errors import UserError, instantiate
-from vq4dit.methods.base import FitSettings
+from vq4dit.methods.base import Method
 from vq4dit.models.dit import build_transformer
 from vq4dit.precision import check_precision
 from vq4dit.quant.block_layers import block_linears
@@ -41,21 +47,33 @@ GiB, MiB = 2**30, 2**20
 @dataclass
 class Estimate:
     lines: list[str]
-    pool_seconds: float
-    block_seconds: float       # one block, one device
-    total_seconds: float       # pool sampling + every block on the configured devices
+    phases: dict[str, float | None]  # seconds per phase, named as the run's phases.json names them; None: not estimated
+    block: dict[str, float]    # one block on one device, seconds per part: fp targets, set-up, row passes, fit steps
     pool_bytes: int            # host memory of the pool while a block is quantized (inputs + targets)
     device_bytes: int          # one process's device memory at its peak (model, rows if they fit, a block's fit)
     cost: BlockCost
+    host_op_seconds: tuple[float, float] | None  # for an assumed machine: host time per op in a fit step, elsewhere
+
+    @property
+    def block_seconds(self) -> float:
+        return sum(self.block.values())
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(seconds for seconds in self.phases.values() if seconds is not None)
 
     def __str__(self) -> str:
         return "\n".join(self.lines)
 
 
 def estimate(cfg: DictConfig) -> Estimate:
+    with torch_threads(cfg.threads):  # measured at the run's CPU threads
+        return _estimate(cfg)
 
+
+def _estimate(cfg: DictConfig) -> Estimate:
     method, fit = build_method(cfg), instantiate(cfg.fit)
-    assumed = cfg.estimate.tflops
+    assumed, tbps = cfg.estimate.tflops, cfg.estimate.tbps
     if assumed is not None and not assumed > 0:
         raise UserError(f"estimate.tflops={assumed}; valid: a positive throughput in TFLOP/s, or null to measure")
     if cfg.estimate.steps < 1:
@@ -88,45 +106,69 @@ def estimate(cfg: DictConfig) -> Estimate:
     quantized_inputs = resolve_student_inputs(pool.student_inputs, method, processes) == "quantized"
     copies = 3 if quantized_inputs else 2  # inputs, targets (and the quantized students' inputs)
     pool_bytes = (train + heldout) * row_bytes * copies
+    model_fit = resolved(instantiate(cfg.model_fit), method)
 
-    cost = measure_block(block, tokens, classes, method, fit, device, measured_precision,
-                         steps=cfg.estimate.steps if assumed is None else 1, seed=cfg.seed,
-                         trainer=instantiate(cfg.trainer))
+    measure = partial(measure_block, tokens=tokens, num_classes=classes, method=method, fit=fit, device=device,
+                      steps=cfg.estimate.steps, seed=cfg.seed, trainer=instantiate(cfg.trainer),
+                      model_fit=model_fit if model_fit.iterations else None)
+    cost = measure(block, precision=measured_precision, count=assumed is not None)
     model_row_flops = forward_flops(one, tokens, blocks_input=False) + (depth - 1) * cost.row_flops
+    model_rows = model_row_flops / cost.row_flops  # a model row (embedders, every block, final layer) in block rows
     if assumed is None:
-        row_seconds, step_seconds, fixed = cost.row_seconds, cost.step_seconds, cost.fixed_seconds
+        row_seconds, quantized_row_seconds = cost.row_seconds, cost.quantized_row_seconds
+        step_seconds, setup_seconds = cost.step_seconds, cost.fixed_seconds
+        model_step_seconds = depth * cost.deployed_step_seconds
         sample_row_seconds = row_seconds if sampler.precision == precision else forward_seconds_per_row(
             block.to(device), synthetic_rows(fit.batch_size, tokens, width, classes, cfg.seed), device,
             sampler.precision)
-        throughput = (f"measured on {device}: {cost.forward_tflops:.3g} TFLOP/s forward, "
-                      f"{cost.step_tflops:.3g} TFLOP/s per fit step")
-    else:  # device work from the counts; the host's share of a step (Python, Lightning, op launches) measured
-        tbps = cfg.estimate.tbps
-        moved = cost.step_bytes / tbps / 1e12 if tbps else 0.0
-        host = host_step_seconds(arch, tokens=16, classes=classes, method=method, fit=fit, device=device,
-                                 seed=cfg.seed, trainer=instantiate(cfg.trainer)) if method.fits else 0.0
-        row_seconds, fixed = cost.row_flops / assumed / 1e12, cost.fixed_seconds
-        step_seconds = max(host, cost.step_flops / assumed / 1e12 + moved)
-        sample_row_seconds = row_seconds
-        throughput = (f"assumed {assumed:g} TFLOP/s (estimate.tflops)"
-                      + (f" and {tbps:g} TB/s (estimate.tbps)" if tbps else "")
-                      + f"; a step's host side measured here on {device}: {host * 1e3:.3g} ms (a narrow copy of the "
-                      f"block, same ops); set-up (k-means, Trainer) measured here on the real block")
+        host_ops = None
+        rules = [f"throughput measured on {device}: {cost.forward_tflops:.3g} TFLOP/s forward, "
+                 f"{cost.step_tflops:.3g} TFLOP/s per fit step"]
+    else:
+        host_ops = fit_op, plain_op = host_op_seconds(arch, measure)
+        row_seconds = quantized_row_seconds = sample_row_seconds = cost.row_flops / assumed / 1e12
+        step_seconds = cost.step_work.seconds(assumed, tbps, fit_op) if method.fits else 0.0
+        setup_seconds = cost.setup_work.seconds(assumed, tbps, plain_op)
+        model_step = cost.deployed_step_work * depth if model_fit.iterations else Work()
+        model_step_seconds = model_step.seconds(assumed, tbps, plain_op)
+        split = ", ".join(f"{name} {work.device_seconds(assumed, tbps) * scale:.3g} / {work.ops * op * scale:.3g} "
+                          f"{unit}" for name, work, op, scale, unit in (
+                              ("fit step", cost.step_work or Work(), fit_op, 1e3, "ms"),
+                              ("set-up", cost.setup_work, plain_op, 1, "s"),
+                              ("model fit step", model_step, plain_op, 1e3, "ms")))
+        rules = [f"throughput assumed: every counted FLOP at {assumed:g} TFLOP/s (estimate.tflops: what the machine "
+                 "sustains, its peak x an efficiency, taken alike for the GEMMs and k-means' distance products)"
+                 + (f", every counted byte at {tbps:g} TB/s (estimate.tbps)" if tbps else
+                    "; bytes moved left out (no estimate.tbps)"),
+                 "  each piece of work (counted on the real block) takes the longer of that device time and its host "
+                 f"side, its ops x the host time per op measured here on {device} on a narrow copy of the block "
+                 f"(same ops, negligible arithmetic): {fit_op * 1e6:.3g} us in a Lightning fit step, "
+                 f"{plain_op * 1e6:.3g} us in a plain step (set-up, model fit); saving as measured here"]
+
+    phases: dict[str, float | None] = {}
     sampled_rows = (trajectories + pool.heldout_trajectories) * steps * halves
-    pool_seconds = sampled_rows * sample_row_seconds * model_row_flops / cost.row_flops
-    teacher = (train + heldout) * row_seconds * (copies - 1)  # targets (and the quantized students' inputs)
-    passes = (cost.train_passes * train + cost.heldout_passes * heldout) * row_seconds
+    phases["pool"] = sampled_rows * sample_row_seconds * model_rows
+    # a method's own model-level step (Q-DiT's group-size search) is not estimated
+    phases["model-level step"] = 0.0 if type(method).before_blocks is Method.before_blocks else None
+    # the fp block's targets (and the quantized students' inputs through the quantized block)
+    teacher = (train + heldout) * (row_seconds + (quantized_row_seconds if quantized_inputs else 0.0))
+    passes = cost.train_passes * train * row_seconds + cost.heldout_passes * heldout * quantized_row_seconds
     fit_seconds = fit.iterations * step_seconds if method.fits else 0.0
-    block_seconds = teacher + fixed + passes + fit_seconds
+    parts = {"fp targets": teacher, "set-up": setup_seconds, "row passes": passes, "fit steps": fit_seconds}
+    block_seconds = sum(parts.values())
     if processes == 1:
-        blocks_seconds = depth * block_seconds
+        phases["blocks"] = depth * block_seconds
     else:  # every process walks every fp block; the assembly walks them once more
-        blocks_seconds = 2 * depth * teacher + math.ceil(depth / processes) * (block_seconds - teacher)
-    # the model-level fit: a step runs every block forward and backward once; one block's fit step (whose soft
-    # weights cost more than the fixed codes the model fit trains) times the depth bounds it from above
-    model_fit_steps = resolved(instantiate(cfg.model_fit), method).iterations
-    model_fit_seconds = model_fit_steps * depth * max(step_seconds, 3 * fit.batch_size * row_seconds)
-    total = pool_seconds + blocks_seconds + model_fit_seconds
+        phases["blocks"] = 2 * depth * teacher + math.ceil(depth / processes) * (block_seconds - teacher)
+    if model_fit.iterations:  # the fp model's outputs on the pool, held-out errors before and after, the steps
+        fp_outputs = (train + heldout) * row_seconds * model_rows
+        checks = 2 * heldout * quantized_row_seconds * model_rows
+        phases["model fit"] = fp_outputs + checks + model_fit.iterations * model_step_seconds
+    phases["saving"] = depth * cost.save_seconds
+    grid_rows = cfg.log_samples * steps * halves
+    if cfg.log_samples:  # the fp and the quantized model sample the TensorBoard grids
+        phases["sample grids"] = grid_rows * sample_row_seconds * (1 + quantized_row_seconds / row_seconds) * model_rows
+    total = sum(seconds for seconds in phases.values() if seconds is not None)
 
     model_bytes = (sum(p.numel() * p.element_size() for p in one.parameters())
                    + (depth - 1) * cost.block_bytes)
@@ -136,11 +178,13 @@ def estimate(cfg: DictConfig) -> Estimate:
     device_bytes = model_bytes + fit_bytes + (rows_on_device if fits is not False else 0)
 
     quant = cfg.quant
+    counted = (f"; set-up {cost.setup_work.flops / 1e9:.4g} GFLOP, {cost.setup_work.bytes / 1e9:.3g} GB moved, "
+               f"{cost.setup_work.ops:,.0f} ops" if cost.setup_work else "")
     lines = [
         f"dry run: {cfg.model.name} ({depth} blocks, {tokens} tokens x {width}), {method.name} "
         f"{quant.name} ({method.quant.describe()}), {fit.iterations if method.fits else 0} fit steps at batch "
         f"{fit.batch_size}; device {cfg.device} x {processes}, calibration {precision}, sampling {sampler.precision}",
-        f"throughput {throughput}",
+        *rules,
         "memory",
         f"  pool (host)          {_size(pool_bytes)}  {train} training + {heldout} held-out rows x {tokens} tokens x "
         f"{width} x fp32, x{copies} ({'inputs, targets, quantized inputs' if copies == 3 else 'inputs and targets'})",
@@ -156,39 +200,49 @@ def estimate(cfg: DictConfig) -> Estimate:
         "(fp32 count; bf16/fp16 autocast saves about half)",
         f"  device, per process  {_size(device_bytes)}"
         + (f" (measured peak of the short run: {_size(cost.peak_bytes)})" if cost.peak_bytes else ""),
-        "time",
+        "time (the phases a run writes to phases.json)",
         f"  counted: block forward {cost.row_flops / 1e9:.4g} GFLOP per row; fit step {cost.step_flops / 1e9:.4g} "
-        f"GFLOP, {cost.step_bytes / 1e9:.3g} GB moved; model forward {model_row_flops / 1e9:.4g} GFLOP per sampled row",
-        f"  pool sampling        {_duration(pool_seconds)}  ({trajectories} + {pool.heldout_trajectories} "
-        f"trajectories x {steps} steps x {halves} = {sampled_rows} rows)",
-        f"  per block            {_duration(block_seconds)}  = teacher {_duration(teacher)} + set-up {_duration(fixed)}"
-        f" + row passes {_duration(passes)} + {fit.iterations if method.fits else 0} steps x "
-        f"{step_seconds * 1e3:.3g} ms",
-        f"  blocks               {_duration(blocks_seconds)}  ({depth} blocks on {processes} device"
+        f"GFLOP, {cost.step_bytes / 1e9:.3g} GB moved{counted}; model forward {model_row_flops / 1e9:.4g} GFLOP per "
+        "sampled row",
+        f"  pool                 {_duration(phases['pool'])}  ({trajectories} + {pool.heldout_trajectories} "
+        f"trajectories x {steps} steps x {halves} = {sampled_rows} model rows)",
+        "  model-level step     " + ("0 s  (none for this method)" if phases["model-level step"] is not None else
+                                     "not estimated  (the method's own step before the blocks; not in the total)"),
+        f"  blocks               {_duration(phases['blocks'])}  ({depth} blocks on {processes} device"
         f"{'s' if processes > 1 else ''})",
-        *([f"  model fit            {_duration(model_fit_seconds)}  ({model_fit_steps} steps x {depth} blocks x "
-            f"a block's step, an upper bound)"] if model_fit_steps else []),
+        f"    per block          {_duration(block_seconds)}  = fp targets{' and quantized inputs' * quantized_inputs} "
+        f"{_duration(teacher)} + set-up {_duration(setup_seconds)} + row passes {_duration(passes)} + "
+        f"{fit.iterations if method.fits else 0} steps x {step_seconds * 1e3:.3g} ms",
+        *([f"    device / host      {split} (the longer counts)"] if assumed is not None else []),
+        *([f"  model fit            {_duration(phases['model fit'])}  ({model_fit.iterations} steps x "
+           f"{model_step_seconds * 1e3:.3g} ms, {depth} blocks' deployed layers; fp outputs {_duration(fp_outputs)}, "
+           f"held-out errors {_duration(checks)})"] if model_fit.iterations else []),
+        f"  saving               {_duration(phases['saving'])}  ({depth} blocks x {_size(cost.save_bytes).strip()})",
+        *([f"  sample grids         {_duration(phases['sample grids'])}  ({cfg.log_samples} samples x "
+           f"{steps} steps x {halves}, fp and quantized model)"] if cfg.log_samples else []),
         f"  total                {_duration(total)}",
     ]
-    return Estimate(lines, pool_seconds, block_seconds, total, pool_bytes, device_bytes, cost)
+    return Estimate(lines, phases, parts, pool_bytes, device_bytes, cost, host_ops)
 
 
-def host_step_seconds(arch: dict, tokens: int, classes: int, method, fit: FitSettings, device: torch.device,
-                      seed: int, trainer) -> float:
-    """Seconds of a fit step that do not grow with the layers' width (Python, Lightning, the op sequence): a step
-    of a block with the same heads and layers at the narrowest width the method accepts (64 or more), where the
-    arithmetic is negligible."""
+def host_op_seconds(arch: dict, measure: partial) -> tuple[float, float]:
+    """Host seconds per op (Python, dispatch, and in a fit step Lightning's hooks): a block with the same heads and
+    layers at the narrowest width the method accepts (64 or more), on rows of one token, where the arithmetic is
+    negligible, quantized timed and then counted: (a fit step's seconds over its ops, a plain step's of its deployed
+    layers over its ops)."""
     heads = arch["num_attention_heads"]
     for head_dim in (-(-width // heads) for width in (64, 128, 256, 512, 1024)):
         block = build_transformer({**arch, "num_layers": 1, "attention_head_dim": head_dim},
-                                  seed=seed).transformer_blocks[0]
+                                  seed=measure.keywords["seed"]).transformer_blocks[0]
         try:
-            method.check(block_linears(block))
+            measure.keywords["method"].check(block_linears(block))
         except UserError:
             continue
-        return measure_block(block, tokens, classes, method, fit, device, "fp32", steps=3, seed=seed,
-                             trainer=trainer).step_seconds
-    return 0.0
+        narrow = partial(measure, block, tokens=1, precision="fp32", model_fit=ModelFitSettings())
+        timed, counted = narrow(), narrow(count=True)
+        plain = timed.deployed_step_seconds / counted.deployed_step_work.ops
+        return (timed.step_seconds / counted.step_work.ops if counted.step_work else plain), plain
+    return 0.0, 0.0
 
 
 def _size(nbytes: int) -> str:
