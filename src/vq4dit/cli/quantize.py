@@ -33,6 +33,7 @@ from vq4dit.errors import instantiate
 from vq4dit.methods.base import Method
 from vq4dit.precision import check_precision
 from vq4dit.quant.block_layers import block_linears
+from vq4dit.quant.quantized_linear import decode_once
 from vq4dit.sampling import balanced_labels
 from vq4dit.seeds import stream_seed
 
@@ -179,7 +180,8 @@ def eval_command(cfg: DictConfig, ckpt: Path) -> str:
 
 def _log_sample_grids(logger, fp_model, model, sampler, cfg) -> None:
     labels = balanced_labels(cfg.log_samples, model.num_classes)
-    for tag, m in (("fp", fp_model), ("quantized", model)):
-        images = sampler.sample(m, labels, seed=stream_seed(cfg.seed, "preview"), progress=False)
+    # the quantized preview from a copy decoded once: the same weights, without a decode in every one of its forwards
+    for tag, make in (("fp", lambda: fp_model), ("quantized", lambda: decode_once(copy.deepcopy(model)))):
+        images = sampler.sample(make(), labels, seed=stream_seed(cfg.seed, "preview"), progress=False)
         grid = torch.from_numpy(image_grid(images, labels, max(1, cfg.log_samples // model.num_classes)))
         logger.experiment.add_image(f"samples/{tag}", grid, 0, dataformats="HW" if grid.ndim == 2 else "HWC")
