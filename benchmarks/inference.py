@@ -1,12 +1,16 @@
-"""Inference cost of a 2-bit DiT-XL/2 in both modes against the dense layers: latency and peak memory at 256
-tokens and batch 2/8/32, for every DiT-XL/2 linear shape and a whole XL-shaped block. `per_forward` keeps the
-codes and decodes tile by tile in each forward; `once` decodes to dense at load (its forward is the dense one, so
-the table gives its decode time). Codes are random (k=256, d=4): speed and memory do not depend on values.
+"""Inference cost of quantized DiTs in both modes against the dense layers: latency and peak memory of every
+DiT-XL/2 linear shape and a whole XL-shaped block at 2 bits (k=256, d=4) at 256 tokens a sample, and of the whole
+digits DiT (16 tokens a sample) with VQ4DiT's default w3 layers (k=64, d=2: 6-bit codes) and with w3g64 uniform
+layers (RTN, GPTQ, Q-DiT, PTQ4DiT deploy these). `per_forward` keeps the codes bit-packed and decodes tile by tile
+in each forward; `once` decodes to dense at load (its forward is the dense one, so the table gives its decode time).
+Codes are random: speed and memory do not depend on values.
 
     python benchmarks/inference.py                                   # CPU, 1 thread -> benchmarks/results/inference/
     python benchmarks/inference.py --device cuda --dtypes float16,bfloat16 --out results-h100
 
-Latency: both modes timed in turn (dense, per_forward, dense, ...) after warm-up; min and median of --reps.
+Latency: both modes timed in turn (dense, per_forward, dense, ...) after warm-up, --reps times; each repeat's
+per_forward / dense ratio comes from the two forwards next to each other, and the table gives their min, median
+and max (on a shared machine the pairs see the same load), with each mode's min and median time.
 Memory: each (case, mode, batch) in a fresh process: the peak above the state just before the forward (weights
 and input allocated): CUDA's max_memory_allocated, or on a CPU the resident-set high-water mark (Linux
 /proc/self/status VmHWM, reset before the forward; glibc told to map large blocks, so freed memory leaves),
@@ -36,6 +40,7 @@ from pathlib import Path
 
 import torch
 from harness import ROOT, fresh_dir, write_results
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -43,37 +48,49 @@ from vq4dit.deploy.memory import CPU_PROBE_ENV, peak_memory
 from vq4dit.deploy.synthetic import DIT_XL_2, random_layer, random_quantized_dit
 from vq4dit.quant import decode
 from vq4dit.quant.block_layers import QUANTIZED_LINEARS
-from vq4dit.quant.presets import VQPreset
+from vq4dit.quant.presets import UniformPreset, VQPreset
 from vq4dit.quant.quantized_linear import QuantizedLinear, decode_once
 
-PRESET = VQPreset(k=256, d=4)  # w2
+PRESET = VQPreset(k=256, d=4)  # w2, for DiT-XL/2's shapes
 HIDDEN, TOKENS = 1152, 256
-CASES = {  # name -> (out, in) of a linear, or the whole block; adaLN sees one row per sample, not per token
-    "attn q / k / v / out (1152→1152)": (1152, 1152), "mlp fc1 (1152→4608)": (4608, 1152),
-    "mlp fc2 (4608→1152)": (1152, 4608), "adaLN modulation (1152→6912), per sample": (6912, 1152),
-    "whole block (7 linears + attention)": None,
+DIGITS = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/model/dit_digits.yaml").arch)
+CASES = {  # name -> (out, in) of a linear, "block" or "digits", and the preset; adaLN sees one row per sample
+    "attn q / k / v / out (1152→1152)": ((1152, 1152), PRESET), "mlp fc1 (1152→4608)": ((4608, 1152), PRESET),
+    "mlp fc2 (4608→1152)": ((1152, 4608), PRESET),
+    "adaLN modulation (1152→6912), per sample": ((6912, 1152), PRESET),
+    "whole block (7 linears + attention)": ("block", PRESET),
+    "digits DiT forward, w3 VQ (k=64, d=2)": ("digits", VQPreset(k=64, d=2)),
+    "digits DiT forward, w3g64 uniform": ("digits", UniformPreset(bits=3, group_size=64)),
 }
 
 
 def build(case: str, mode: str, dtype: torch.dtype, device: torch.device):
     """(module, forward(batch) -> output factory) for `case` in `mode` ("dense" or "per_forward")."""
     g = torch.Generator().manual_seed(0)
-    shape = CASES[case]
-    if shape is None:
-        module = random_quantized_dit({**DIT_XL_2, "num_layers": 1}, PRESET).transformer.transformer_blocks[0]
+    what, preset = CASES[case]
+    if what == "block":
+        module = random_quantized_dit({**DIT_XL_2, "num_layers": 1}, preset).transformer.transformer_blocks[0]
+    elif what == "digits":
+        module = random_quantized_dit(DIGITS, preset, name="dit_digits").transformer
     else:
-        module = random_layer(*shape, PRESET, g)
+        module = random_layer(*what, preset, g)
     if mode == "dense":
-        module = decode_once(module, dtype) if shape is None else module.to_dense(dtype)
+        module = module.to_dense(dtype) if isinstance(what, tuple) else decode_once(module, dtype)
     module = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     def inputs(batch: int):
-        if shape is None:
+        if what == "block":
             return dict(hidden_states=torch.randn(batch, TOKENS, HIDDEN, generator=g).to(device, dtype),
                         timestep=torch.randint(0, 1000, (batch,), generator=g).to(device),
                         class_labels=torch.randint(0, 1000, (batch,), generator=g).to(device))
+        if what == "digits":
+            size, classes = DIGITS["sample_size"], DIGITS["num_embeds_ada_norm"]
+            x = torch.randn(batch, DIGITS["in_channels"], size, size, generator=g)
+            return dict(hidden_states=x.to(device, dtype), return_dict=False,
+                        timestep=torch.randint(0, 1000, (batch,), generator=g).to(device),
+                        class_labels=torch.randint(0, classes, (batch,), generator=g).to(device))
         rows = batch if case.startswith("adaLN") else batch * TOKENS
-        return dict(x=torch.randn(rows, shape[1], generator=g).to(device, dtype))
+        return dict(x=torch.randn(rows, what[1], generator=g).to(device, dtype))
 
     return module, inputs
 
@@ -86,7 +103,8 @@ def weight_bytes(module) -> int:
 
 def run(module, kwargs) -> torch.Tensor:
     with torch.no_grad():
-        return module(kwargs["x"]) if "x" in kwargs else module(**kwargs)  # nn.Linear names it `input`
+        out = module(kwargs["x"]) if "x" in kwargs else module(**kwargs)  # nn.Linear names it `input`
+    return out[0] if isinstance(out, tuple) else out  # a whole DiT's (sample,)
 
 
 def sync(device: torch.device) -> None:
@@ -110,8 +128,11 @@ def latency(case: str, dtype: torch.dtype, batch: int, device: torch.device, rep
                                rtol=0.05, atol=0.05)  # the same layer in both modes
     out = {f"{mode}_ms_{stat}": round(f(ts), 3) for mode, ts in times.items()
            for stat, f in (("min", min), ("median", statistics.median))}
+    ratios = [q / d for d, q in zip(times["dense"], times["per_forward"])]  # each repeat's pair, side by side
+    out.update({f"ratio_{stat}": round(f(ratios), 3) for stat, f in (("min", min), ("median", statistics.median),
+                                                                     ("max", max))})
     start = time.perf_counter()
-    decode_once(copy.deepcopy(modules["per_forward"][0]), dtype) if CASES[case] is None \
+    decode_once(copy.deepcopy(modules["per_forward"][0]), dtype) if not isinstance(CASES[case][0], tuple) \
         else modules["per_forward"][0].to_dense(dtype)
     sync(device)
     out["once_decode_ms"] = round(1e3 * (time.perf_counter() - start), 3)
@@ -231,8 +252,9 @@ def mib(n: float) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| case | dtype | batch | dense ms (min / median) | per_forward ms (min / median) | per_forward / dense "
-            "(median) | decode=once ms | dense weights MiB | per_forward weight memory MiB (resident + decoding) "
+    head = ("| case | dtype | batch | dense ms (min / median) | per_forward ms (min / median) | per_forward / dense, "
+            "per repeat (min / **median** / max) | decode=once ms | dense weights MiB | per_forward weight memory MiB "
+            "(resident + decoding) "
             "| / dense | forward peak MiB, dense / per_forward (measured) | per_forward tiles | decode + GEMM kernels, "
             "per_forward / dense |")
     lines = [head, "|" + "---|" * 13]
@@ -240,7 +262,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['case']} | {r['dtype']} | {r['batch']} | {r['dense_ms_min']:.1f} / {r['dense_ms_median']:.1f} | "
             f"{r['per_forward_ms_min']:.1f} / {r['per_forward_ms_median']:.1f} | "
-            f"**{r['per_forward_ms_median'] / r['dense_ms_median']:.2f}×** | {r['once_decode_ms']:.1f} | "
+            f"{r['ratio_min']:.2f} / **{r['ratio_median']:.2f}×** / {r['ratio_max']:.2f} | {r['once_decode_ms']:.1f} | "
             f"{mib(r['dense_weights_bytes'])} | {mib(r['per_forward_weight_memory_bytes'])} | "
             f"**{r['per_forward_weight_memory_bytes'] / r['dense_weights_bytes']:.2f}×** | "
             f"{mib(r['dense_peak_bytes'])} / {mib(r['per_forward_peak_bytes'])} | {r['per_forward_tiles']} | "
@@ -259,7 +281,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtypes", default="bfloat16,float32")
-    p.add_argument("--batches", default="2,8,32")
+    p.add_argument("--batches", default="1,2,8")
     p.add_argument("--cases", default=",".join(str(i) for i in range(len(CASES))), help="indices into CASES")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 unless measuring threads)")
@@ -301,7 +323,8 @@ def main() -> None:
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()} CPU, {args.threads} thread(s)")
     header = (f"Command: `{command.strip()}` ({when}), torch {torch.__version__}, {machine}. "
-              f"DiT-XL/2 shapes at 2 bits (k=256, d=4), {TOKENS} tokens; decode tile {decode.TILE_WEIGHTS} weights.")
+              f"DiT-XL/2 shapes at 2 bits (k=256, d=4), {TOKENS} tokens a sample; the digits DiT at w3 (k=64, d=2) "
+              f"or w3g64, 16 tokens a sample; decode tile {decode.TILE_WEIGHTS} weights.")
     tables = (counts_table if args.counts_only else table)(rows) + "\n\n" + xl_table(xl)
     write_results(out, rows, header + "\n\n" + tables,
                   {"command": command, "when": when, "machine": machine, "xl_forward": xl})

@@ -26,10 +26,18 @@ def uniform_layer(out_f: int, in_f: int, bits: int, group: int | None, symmetric
     return UniformLinear.from_linear(linear, bits, group, symmetric)
 
 
+def indexed_uniform_layer(out_f: int, in_f: int, bits: int, group: int) -> UniformLinear:
+    """Groups scattered over the input columns (GPTQ's act-order with dynamic groups): a group index per column."""
+    layer = uniform_layer(out_f, in_f, bits, group, False)
+    index = torch.randperm(in_f, generator=torch.Generator().manual_seed(2)) // group
+    return UniformLinear(layer.codes, layer.scale, layer.zero, bits, group, False, layer.bias.detach(), index)
+
+
 LAYERS = {  # k=256, d=4 (fp32 rows of 16 bytes), int16 codes (k 512), d=3 (12-byte rows: the plain row gather)
     "vq-w2": lambda: vq_layer(96, 64, 256, 4), "vq-int16": lambda: vq_layer(40, 32, 512, 2),
     "vq-d3": lambda: vq_layer(24, 48, 16, 3), "uniform-g16": lambda: uniform_layer(48, 64, 3, 16, False),
     "uniform-sym": lambda: uniform_layer(48, 64, 4, None, True),
+    "uniform-indexed": lambda: indexed_uniform_layer(48, 64, 3, 16),
 }
 
 

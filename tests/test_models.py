@@ -295,3 +295,40 @@ def test_non_tensor_pickle(tmp_path, payload):
     assert_one_line_naming(err, path)
     with pytest.raises(UserError):
         load_dit("dit_tiny", TINY, weights=str(path))
+
+
+# --- loading memory ----------------------------------------------------------------------------------------
+LOAD_PEAK = """
+import json, sys, torch
+from vq4dit.deploy.memory import peak_memory
+from vq4dit.models import load_dit
+arch = json.loads(sys.argv[2])
+load = lambda: load_dit("big", arch, weights=sys.argv[1]).transformer  # noqa: E731
+load()  # imports and first-use allocations out of the measurement
+model, peak, _ = peak_memory(load)
+params = list(model.parameters())
+print(json.dumps([peak, sum(p.numel() * p.element_size() for p in params), len(params),
+                  len({p.untyped_storage().data_ptr() for p in params})]))
+"""
+
+
+def test_loading_full_precision_weights_peaks_at_the_models_size(tmp_path):
+    """A fresh process loads a 46 MB DiT from an original-layout file: the resident-set peak of the load is the
+    model's parameter bytes plus a little (one copied tensor), not the twice that a randomly initialised model and
+    the file's tensors take; and every parameter owns its storage (the fused qkv cut in three and the one embedder
+    named in every block are copied apart)."""
+    import json
+    import os
+    import subprocess
+
+    from vq4dit.deploy.memory import CPU_PROBE_ENV
+
+    arch = {**EPS_ONLY, "num_attention_heads": 6, "attention_head_dim": 64, "num_layers": 4}
+    path = save_pt(original_state(arch), tmp_path / "DiT.pt")
+    result = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(path), json.dumps(arch)], capture_output=True,
+                            text=True, env={**os.environ, **CPU_PROBE_ENV}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    peak, model_bytes, params, storages = json.loads(result.stdout.strip().splitlines()[-1])
+    assert model_bytes > 40 * 2**20
+    assert peak < 1.2 * model_bytes, (peak, model_bytes)
+    assert storages == params

@@ -56,3 +56,12 @@ def test_code_too_large_or_negative_raises():
 def test_short_stream_raises():
     with pytest.raises(ValueError, match="at least 2 bytes"):
         unpack_codes(torch.zeros(1, dtype=torch.uint8), 4, 3)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 5, 6, 7, 9, 12])
+def test_any_stretch_of_codes_unpacks_alone(bits):
+    """A tile's codes start anywhere in the stream: inside a run of bytes, inside a byte, at the cut-short end."""
+    codes = torch.randint(0, 1 << bits, (1001,), generator=torch.Generator().manual_seed(bits))
+    packed = pack_codes(codes, bits)
+    for start, count in ((0, 1001), (1, 17), (8, 64), (13, 988), (1000, 1)):
+        assert torch.equal(unpack_codes(packed, bits, count, start).long(), codes[start:start + count])

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from vq4dit.quant.kmeans import inertia
-from vq4dit.quant.vq_linear import SoftVQLinear, VQLinear, mix_codewords, subvectors
+from vq4dit.quant.vq_linear import SoftVQLinear, VQLinear, subvectors
 
 
 def _linear(out_features=32, in_features=64, seed=0):
@@ -78,23 +78,6 @@ def test_to_hard_keeps_argmax_codes_and_rounds_the_codebook():
     assert torch.equal(hard.codes.long(), soft.hard_codes())
     torch.testing.assert_close(hard.dequantize(), soft.hard_weight(), atol=1e-3, rtol=1e-3)
     assert torch.equal(hard.codebook, hard.codebook.half().float())
-
-
-def test_mixing_matches_autograds_own_gather_and_einsum_in_value_and_gradient():
-    torch.manual_seed(0)
-    codebook = torch.randn(16, 4, dtype=torch.float64, requires_grad=True)
-    candidates = torch.randint(0, 16, (3, 300))
-    logits = torch.randn(3, 300, dtype=torch.float64, requires_grad=True)
-    target = torch.randn(300, 4, dtype=torch.float64)
-    reference = torch.einsum("ns,nsd->sd", logits.softmax(0), codebook[candidates])
-    ours = mix_codewords(logits.softmax(0), codebook, candidates)
-    torch.testing.assert_close(ours, reference)
-    expected = torch.autograd.grad((reference - target).square().sum(), (logits, codebook))
-    got = torch.autograd.grad((ours - target).square().sum(), (logits, codebook))
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e)
-    assert torch.autograd.gradcheck(lambda r, c: mix_codewords(r, c, candidates[:, :20]),
-                                    (logits[:, :20].softmax(0).detach().requires_grad_(), codebook))
 
 
 def test_hardened_layer_trains_only_its_codebook_and_bias():

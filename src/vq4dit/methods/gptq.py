@@ -4,14 +4,18 @@ into the columns not yet quantized through the inverse Hessian of the layer's in
 The Hessians come from the zero-data pool: forward hooks on the full-precision block collect every linear's
 inputs over the training rows (block by block, fp inputs, as for VQ4DiT). Lazy batches of `block_size` columns
 apply the error feedback inside the batch at once and to the rest of the matrix once per batch; `damp` adds
-that fraction of the mean diagonal to H; `act_order` quantizes columns by decreasing H_ii.
+that fraction of the mean diagonal to H; `act_order` quantizes columns by decreasing H_ii (on by default, as
+the reference recommends; measured on salient-channel layers in docs/methods.md).
 
-Groups: without act-order a group's scale and zero are fitted when the loop reaches its first column, on the
-group's columns as they stood at the start of the current lazy batch (as the reference implementation does;
-fitting on the columns with the in-batch feedback applied was measured 31 % worse at 2 bits on the reference
-test problem). With act-order the groups are "static": fitted on the original weight before the loop, so every
-group stays a run of consecutive input columns and the deployed layer needs no column map. Per-channel grids are
-fitted on the original weight as well.
+Groups, in the reference implementation's two modes (IST-DASLab/gptq, `fasterquant`):
+- dynamic (its default): a group's scale and zero are fitted when the loop reaches the group's first column, on
+  the group's columns as they stood at the start of the current lazy batch (fitting on the columns with the
+  in-batch feedback applied was measured 31 % worse at 2 bits on the reference test problem). With act-order the
+  loop runs in permuted order, so a group is the columns at permuted positions [g G, (g+1) G), scattered over the
+  input; the deployed layer then carries each input column's group (`group_index`, AutoGPTQ's g_idx).
+- static (`static_groups`): every group fitted up front on the original weight's consecutive columns; act-order
+  then only changes the order of rounding and feedback, and groups stay runs of consecutive columns.
+Per-channel grids are fitted on the original weight in both modes.
 """
 
 from dataclasses import dataclass
@@ -31,7 +35,8 @@ class GPTQ(Method):
     quant: UniformPreset
     damp: float = setting(0.01, low=0, high=1, high_open=True)  # fraction of mean(diag H) added to the diagonal
     block_size: int = setting(128, low=1)  # columns per lazy batch
-    act_order: bool = False  # quantize columns by decreasing H_ii (groups then fitted up front: "static groups")
+    act_order: bool = True  # quantize columns by decreasing H_ii
+    static_groups: bool = False  # fit every group up front on consecutive columns (else when the loop reaches it)
     name = "gptq"
     family = "uniform"
 
@@ -54,9 +59,10 @@ class GPTQ(Method):
                  group_size: int | None | str = "preset") -> UniformLinear:
         q = self.quant
         group = q.group_size if group_size == "preset" else group_size
-        codes, grid = gptq(linear.weight, hessian, q.bits, group, q.symmetric, self.damp, self.block_size,
-                           self.act_order)
-        return UniformLinear(codes, grid.scale, grid.zero, q.bits, group, q.symmetric, linear_bias(linear))
+        codes, grid, group_index = gptq(linear.weight, hessian, q.bits, group, q.symmetric, self.damp,
+                                        self.block_size, self.act_order, self.static_groups)
+        return UniformLinear(codes, grid.scale, grid.zero, q.bits, group, q.symmetric, linear_bias(linear),
+                             group_index)
 
 
 class Hessian:
@@ -77,9 +83,10 @@ class Hessian:
 
 @torch.no_grad()
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-         damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-         scale_dtype: torch.dtype = SCALE_DTYPE) -> tuple[torch.Tensor, UniformGrid]:
-    """(integer codes (out, in) as float, grid with (out, groups) scales and zeros) of `weight`."""
+         damp: float = 0.01, block_size: int = 128, act_order: bool = False, static_groups: bool = False,
+         scale_dtype: torch.dtype = SCALE_DTYPE) -> tuple[torch.Tensor, UniformGrid, torch.Tensor | None]:
+    """(integer codes (out, in) as float, grid with (out, groups) scales and zeros, the group of every input column
+    or None where group g is columns [g G, (g+1) G)) of `weight`."""
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone()
     rows, columns = w.shape
@@ -89,7 +96,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
     w[:, dead] = 0
     scale = torch.zeros(rows, columns // width, device=w.device)
     zero = torch.zeros_like(scale)
-    static = group_size is None or act_order
+    static = group_size is None or static_groups
     if static:
         for g in range(columns // width):
             grid = fit_grid(w[:, g * width:(g + 1) * width], bits, symmetric, scale_dtype)
@@ -105,7 +112,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
         wb, errors = w[:, b0:b1].clone(), torch.zeros(rows, b1 - b0, device=w.device)
         for i in range(b1 - b0):
             column = b0 + i
-            g = int(order[column]) // width
+            # static: the original column's group; dynamic: the group of loop positions, fitted at its first
+            g = int(order[column]) // width if static else column // width
             if not static and column % width == 0:
                 grid = fit_grid(w[:, column:column + width], bits, symmetric, scale_dtype)
                 scale[:, g:g + 1], zero[:, g:g + 1] = grid.scale, grid.zero
@@ -116,6 +124,6 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
             wb[:, i:] -= err[:, None] * u[column, b0 + i:b1][None, :]
             errors[:, i] = err
         w[:, b1:] -= errors @ u[b0:b1, b1:]
-    codes = codes[:, torch.argsort(order)]
-    return codes, UniformGrid(scale, zero, bits, symmetric)
-
+    position = torch.argsort(order)  # where each input column stood in the loop
+    scattered = act_order and not static and width < columns
+    return codes[:, position], UniformGrid(scale, zero, bits, symmetric), position // width if scattered else None

@@ -1,6 +1,8 @@
 """Reading full-precision DiT weights: the original `.pt` state dict or a diffusers folder / safetensors file.
 
-Only tensors are read (`weights_only=True`, safetensors); every failure is one line naming the file.
+Only tensors are read (`weights_only=True`, safetensors); every failure is one line naming the file. The model is
+built without weights (meta device) and takes the file's tensors as its own, so loading peaks at the model's size,
+not twice it (benchmarks/load_memory.py).
 """
 
 import json
@@ -117,7 +119,23 @@ def _load_strict(transformer: DiTTransformer2DModel, state: dict, path: Path, na
             check_finite(key, tensor)  # NaN/Inf weights would quantize and sample into NaN without a word
         except ValueError as e:
             raise UserError(f"checkpoint {path}: {e}; refusing non-finite weights") from None
-    transformer.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    transformer.load_state_dict(owned_tensors(state, expected), assign=True)
+
+
+def owned_tensors(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` emptied into tensors the model can take as its own (`load_state_dict(assign=True)`: no second copy
+    of the model), each in its expected dtype and with its own storage: a view (the original's fused qkv cut in
+    three) or a tensor met before (its one embedder, named in every block) is copied, and a tensor read from the
+    file is let go as soon as it is placed, so the peak is the model plus one such tensor."""
+    owned, storages = {}, set()
+    for key in list(state):
+        tensor = state.pop(key).to(expected[key].dtype)
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() in storages or storage.nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        owned[key] = tensor
+    return owned
 
 
 def _check_pos_embed(transformer: DiTTransformer2DModel, state: dict, path: Path) -> None:

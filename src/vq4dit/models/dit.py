@@ -136,9 +136,11 @@ def load_dit(
     seed: int = 0,
     empty: bool = False,
 ) -> ConditionalDiT:
-    """Build the configured DiT; load `weights` (original `.pt`, diffusers folder or `.safetensors`) if given.
-    `empty` (without weights): parameters on the meta device, for a loader that fills them."""
-    transformer = build_transformer(dict(arch), timestep_shift, seed, empty=empty and weights is None)
+    """Build the configured DiT; load `weights` (original `.pt`, diffusers folder or `.safetensors`) if given, as
+    the model's own tensors. `empty` (without weights): parameters on the meta device, for a loader that fills
+    them."""
+    # with weights, nothing is initialised: the loader puts the file's tensors in place
+    transformer = build_transformer(dict(arch), timestep_shift, seed, empty=empty or weights is not None)
     if weights is not None:
         load_transformer_weights(transformer, Path(weights), name)
     transformer.eval().requires_grad_(False)

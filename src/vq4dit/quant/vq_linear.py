@@ -6,8 +6,9 @@ sub-vector is replaced by a codeword of a per-layer codebook (k x d), so a weigh
 `SoftVQLinear` is VQ4DiT's calibration state: every sub-vector holds n candidate codewords (its n nearest) and a
 softmax over n learnable logits mixes them; confident sub-vectors are frozen to their best candidate.
 `VQLinear` is the deployment state: one hard code per sub-vector, the codebook and the bias. Only the second is
-saved (codes bit-packed to ceil(log2 k) bits, the codebook in fp16, the bias in fp32); its `dequantize()` is the
-reference path the checkpoint and tests check against.
+saved (codes bit-packed to ceil(log2 k) bits, the codebook in fp16, the bias in fp32), and it holds its codes packed
+in memory too (a forward unpacks the tile it decodes); its `dequantize()` is the reference path the checkpoint and
+tests check against.
 """
 
 import math
@@ -16,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vq4dit.quant.decode import gather_rows
-from vq4dit.quant.kmeans import add_rows, kmeans, nearest
-from vq4dit.quant.packing import code_bits, pack_codes, smallest_code_dtype, unpack_codes
+from vq4dit.quant.decode import gather_rows, unpack_tile
+from vq4dit.quant.kmeans import kmeans, nearest
+from vq4dit.quant.packing import code_bits, pack_codes, unpack_codes
 from vq4dit.quant.quantized_linear import QuantizedLinear, linear_bias
+from vq4dit.quant.soft_mix import candidate_ratios, gather_codes, ratio_penalty, soft_mix
 from vq4dit.tensor_checks import (
     check_all_finite,
     check_bias,
@@ -49,50 +51,16 @@ def point_weights(input_weights: torch.Tensor | None, linear: nn.Linear, d: int)
     return input_weights.float().to(linear.weight.device).expand(linear.out_features, -1).reshape(-1, d)
 
 
-class _MixCodewords(torch.autograd.Function):
-    """(S, d) = sum over j of ratios[j, :, None] * codebook[candidates[j]].
-
-    The same value as `einsum(ratios, codebook[candidates])`, with a backward that adds the rows' gradients into
-    the small codebook with one scatter-add: autograd's generic embedding backward is about 15x slower on a CPU
-    for an index into k <= 4096 rows, and it dominated a calibration step. Gathered rows are recomputed in
-    backward, not saved (n x S x d floats per layer)."""
-
-    @staticmethod
-    def forward(ctx, ratios: torch.Tensor, codebook: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(ratios, codebook, candidates)
-        mixed = ratios[0, :, None] * codebook.index_select(0, candidates[0])
-        for j in range(1, len(candidates)):
-            mixed.addcmul_(ratios[j, :, None], codebook.index_select(0, candidates[j]))
-        return mixed
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        ratios, codebook, candidates = ctx.saved_tensors
-        grad_ratios = grad_codebook = None
-        if ctx.needs_input_grad[0]:
-            grad_ratios = torch.stack([(grad * codebook.index_select(0, candidates[j])).sum(1)
-                                       for j in range(len(candidates))])
-        if ctx.needs_input_grad[1]:
-            rows = (ratios[:, :, None] * grad[None]).reshape(-1, codebook.shape[1])
-            grad_codebook = add_rows(torch.zeros_like(codebook), candidates.reshape(-1), rows)
-        return grad_ratios, grad_codebook, None
-
-
-def mix_codewords(ratios: torch.Tensor, codebook: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """Every sub-vector's candidates mixed by its ratios, both (n, S): (S, d), differentiable in ratios and
-    codebook."""
-    return _MixCodewords.apply(ratios.to(codebook.dtype), codebook, candidates)
-
-
 class VQLinear(QuantizedLinear):
-    """Hard codes (smallest integer dtype), a codebook and a full-precision bias."""
+    """Hard codes, bit-packed as the checkpoint stores them (`codes_packed`, ceil(log2 k) bits a code), a codebook
+    and a full-precision bias."""
 
     layer_type = "vq"
 
     def __init__(self, codes: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor | None,
                  out_features: int, in_features: int):
         super().__init__(out_features, in_features, bias)
-        self.register_buffer("codes", codes.to(smallest_code_dtype(len(codebook))))
+        self.register_buffer("codes_packed", pack_codes(codes.reshape(-1), code_bits(len(codebook))))
         self.codebook = nn.Parameter(codebook)
 
     @property
@@ -107,6 +75,11 @@ class VQLinear(QuantizedLinear):
     def code_bits_per_weight(self) -> float:
         return math.log2(self.k) / self.d
 
+    @property
+    def codes(self) -> torch.Tensor:
+        """Every sub-vector's code, unpacked (smallest integer dtype): for the reference path and tests."""
+        return unpack_codes(self.codes_packed, code_bits(self.k), self.out_features * self.in_features // self.d)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, k: int, d: int, iters: int = 100, seed: int = 0,
                     max_points: int | None = None, input_weights: torch.Tensor | None = None) -> "VQLinear":
@@ -120,27 +93,28 @@ class VQLinear(QuantizedLinear):
     def dequantize(self) -> torch.Tensor:
         codes = self.codes.long()
         if torch.is_grad_enabled() and self.codebook.requires_grad:  # a fit trains the codebook: the fast backward
-            flat = mix_codewords(self.codebook.new_ones(1, len(codes)), self.codebook, codes[None])
+            flat = gather_codes(self.codebook, codes)
         else:
             flat = F.embedding(codes, self.codebook)
         return flat.reshape(self.out_features, self.in_features)
 
     def decode_rows(self, start: int, stop: int, out: torch.Tensor) -> None:
         per_row = self.in_features // self.d
-        gather_rows(self.codebook, self.codes[start * per_row:stop * per_row], out.view(-1, self.d))
+        index = unpack_tile(self.codes_packed, code_bits(self.k), start * per_row, (stop - start) * per_row)
+        gather_rows(self.codebook, index, out.view(-1, self.d))
 
     @torch.no_grad()
     def rounded(self) -> "VQLinear":
         """A copy whose codebook holds exactly what the checkpoint stores (fp16 values)."""
         bias = None if self.bias is None else self.bias.detach().clone()
-        return VQLinear(self.codes.clone(), self.codebook.detach().to(CODEBOOK_DTYPE).float(), bias,
+        return VQLinear(self.codes, self.codebook.detach().to(CODEBOOK_DTYPE).float(), bias,
                         self.out_features, self.in_features)
 
     def stored(self) -> tuple[dict[str, torch.Tensor], dict]:
-        bits = code_bits(self.k)
-        tensors = {"codes_packed": pack_codes(self.codes.reshape(-1), bits),
-                   "codebook": self.codebook.detach().to(CODEBOOK_DTYPE), **self._stored_bias()}
-        return tensors, self._record(k=self.k, d=self.d, code_bits=bits, num_codes=self.codes.numel())
+        tensors = {"codes_packed": self.codes_packed, "codebook": self.codebook.detach().to(CODEBOOK_DTYPE),
+                   **self._stored_bias()}
+        return tensors, self._record(k=self.k, d=self.d, code_bits=code_bits(self.k),
+                                     num_codes=self.out_features * self.in_features // self.d)
 
     @classmethod
     def from_stored(cls, tensors: dict[str, torch.Tensor], record: dict) -> "VQLinear":
@@ -174,7 +148,8 @@ class SoftVQLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
         self.codebook = nn.Parameter(codebook)
-        self.register_buffer("candidates", candidates)
+        # int32: the gradient's bincount over them reads a third faster than over int64 (k is at most 2^31 anyway)
+        self.register_buffer("candidates", candidates.to(torch.int32))
         self.logits = nn.Parameter(logits)
         self.register_buffer("frozen", torch.zeros(candidates.shape[1], dtype=torch.bool))
         self.bias = nn.Parameter(bias) if bias is not None else None
@@ -210,13 +185,15 @@ class SoftVQLinear(nn.Module):
 
     def ratios(self) -> torch.Tensor:
         """Softmax ratios (n, S); a frozen sub-vector's logits are saturated, so its ratios are exactly one-hot."""
-        return self.logits.softmax(dim=0)
+        return candidate_ratios(self.logits)
 
     def weight(self) -> torch.Tensor:
         if self.hardened:  # every code is fixed: only the codebook trains
-            mixed = mix_codewords(self.codebook.new_ones(1, len(self.codes)), self.codebook, self.codes[None])
+            mixed = gather_codes(self.codebook, self.codes)
         else:
-            mixed = mix_codewords(self.ratios(), self.codebook, self.candidates)
+            mixed, ratios = soft_mix(self.logits, self.codebook, self.candidates)
+            if torch.is_grad_enabled():  # the step's regulariser reuses them (and its gradient joins this node's)
+                self._step_ratios = (self.logits._version, ratios)
         return mixed.reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -243,6 +220,7 @@ class SoftVQLinear(nn.Module):
         # a host flag, set here once: the forward then gathers fixed codes without reading device values per step
         self.hardened = True
         self.register_buffer("codes", self.hard_codes(), persistent=False)
+        self._step_ratios = (None, None)  # a graph's output: nothing to keep (and deepcopy refuses it)
 
     def _freeze(self, rows: torch.Tensor) -> None:
         """Saturate the logits of `rows` on their argmax: their softmax is then exactly one-hot (exp(-1e4) is 0 in
@@ -255,12 +233,11 @@ class SoftVQLinear(nn.Module):
         """Pushes every ratio to 0 or 1. paper: mean(1 - |2r - 1|); code: n * mean(r (1 - r))."""
         if self.hardened:  # nothing left to push; and the logits stay out of the graph (no optimizer work)
             return self.codebook.new_zeros(())
-        r = self.ratios()
-        if form == "paper":
-            return (1 - (2 * r - 1).abs()).mean()
-        if form == "code":
-            return len(r) * (r * (1 - r)).mean()
-        raise ValueError(f"regularizer={form!r}; valid: paper, code")
+        version, ratios = getattr(self, "_step_ratios", (None, None))
+        if version != self.logits._version or not torch.is_grad_enabled():  # not this step's forward's ratios
+            ratios = self.ratios()
+        self._step_ratios = (None, None)  # used once: its graph is freed by the backward
+        return ratio_penalty(ratios, form)
 
     @torch.no_grad()
     def entropy(self) -> torch.Tensor:
