@@ -154,6 +154,45 @@ def test_command_line_evaluates(random_dit, tmp_path):
     assert saved["num_samples"] == 20 and float(fid.group(1)) == pytest.approx(saved["fid"], abs=1e-4)
 
 
+def test_speed_is_printed_and_written(first_run):
+    cfg, _ = first_run
+    speed = json.loads((Path(cfg.paths.output_dir) / "speed.json").read_text())
+    seconds, rates = speed["seconds"], speed["samples_per_s"]
+    assert speed["num_samples"] == 40 and speed["threads"] == torch.get_num_threads()
+    assert set(seconds) == {"loading", "sampling", "scoring", "writing", "total"} and min(seconds.values()) > 0
+    assert seconds["total"] == pytest.approx(sum(v for k, v in seconds.items() if k != "total"), abs=0.01)
+    for phase in ("sampling", "scoring"):
+        assert rates[phase] == pytest.approx(40 / seconds[phase], rel=0.01)
+    (reference,) = speed["reference_features"]  # computed on this first run, into the run's log folder's cache
+    assert reference["name"] == "digits-real-features" and reference["source"].startswith("computed, cached in")
+    entry = Path(reference["source"].removeprefix("computed, cached in "))
+    assert entry.parent == Path(cfg.paths.log_dir) / "eval" / "cache" and entry.is_file()
+    assert 0 < reference["seconds"] <= seconds["scoring"]
+
+
+def test_command_line_reuses_the_reference_cache_with_the_numbers_of_an_uncached_run(random_dit, tmp_path, capsys):
+    """Two runs of `python eval.py` into one log folder: the first computes the real images' features and caches
+    them, the second loads them; a run with reference_cache=false computes them again; the same numbers each time."""
+    small = [f"ckpt={random_dit}", f"model.arch.num_layers={LAYERS}", "num_samples=20", "sampler.steps=2"]
+    runs = {}
+    for name in ("cold", "warm"):
+        result = _eval_py(*small, f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={tmp_path / name}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = result.stdout, json.loads((tmp_path / name / "metrics.json").read_text())
+    off = evaluate(_compose(tmp_path / "off", *small, "reference_cache=false"))  # in-process: one start-up less
+    runs["off"] = capsys.readouterr().out, off
+    scoring = {name: re.search(r"^scoring: (\S+) samples/s \(.*digits-real-features (.*) in \S+ s\)$", out, re.M)
+               for name, (out, _) in runs.items()}
+    assert all(scoring.values()), runs
+    assert scoring["cold"].group(2).startswith("computed, cached in ")
+    assert scoring["warm"].group(2) == "loaded from " + scoring["cold"].group(2).removeprefix("computed, cached in ")
+    assert scoring["off"].group(2) == "computed (reference_cache=false)"
+    assert re.search(r"^sampling: \S+ samples/s \(", runs["warm"][0], re.M)
+    assert runs["cold"][1] == runs["warm"][1] == runs["off"][1]
+    assert len(list((tmp_path / "logs" / "eval" / "cache").iterdir())) == 1
+    assert not (tmp_path / "off" / "logs" / "eval" / "cache").exists()  # nothing stored with the cache off
+
+
 def test_command_line_bad_checkpoint_exits_2_with_one_line(tmp_path):
     result = _eval_py("ckpt=/nonexistent", f"paths.log_dir={tmp_path}")
     assert result.returncode == 2, result.stderr[-3000:]

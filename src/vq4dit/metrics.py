@@ -3,7 +3,10 @@ and the real-vs-real FID floor for the same sample count; and PSNR against anoth
 protocol is `vq4dit.imagenet`.)
 
 A scorer owns a feature network (FID), a classifier (score and accuracy; may be None) and the real images:
-`reference` (FID's real side) and a disjoint `heldout` set (the floor: real images scored like samples).
+`reference` (FID's real side) and a disjoint `heldout` set (the floor: real images scored like samples). The real
+images' features are computed once per scorer, in batches, and come from a `ReferenceCache` (computed there once
+per content key, when it has a folder); FID is fed features in the same batches, so the numbers are the same either
+way.
 """
 
 import math
@@ -20,16 +23,20 @@ from torchmetrics.image.inception import InceptionScore
 from vq4dit.data.digits import digits, split
 from vq4dit.errors import UserError
 from vq4dit.models.classifier import DigitClassifier, Features, Logits
+from vq4dit.reference_cache import ReferenceCache, extraction_key, tensors_digest
 
 
 class Scorer:
     def __init__(self, features: nn.Module, logits: nn.Module | None, reference: torch.Tensor,
-                 heldout: torch.Tensor, batch_size: int = 256, device: str = "cpu"):
+                 heldout: torch.Tensor, batch_size: int = 256, device: str = "cpu",
+                 cache: ReferenceCache | None = None):
         self.device = torch.device(device)
         self.features, self.logits = features.to(self.device).eval(), logits
         if logits is not None:
             self.logits = logits.to(self.device).eval()
         self.reference, self.heldout, self.batch_size = reference, heldout, batch_size
+        self.cache = cache if cache is not None else ReferenceCache(None)
+        self._real: dict[str, torch.Tensor] | None = None  # the real images' features, once per scorer
         self._images, self._labels = [], []
 
     def check(self, num_samples: int, image_shape: tuple[int, int, int]) -> None:
@@ -50,14 +57,15 @@ class Scorer:
     def score(self, images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict:
         """images in [-1, 1] (N, C, H, W), labels (N,) -> a flat dict of floats."""
         images01 = (images + 1) / 2
-        fid = FrechetInceptionDistance(feature=self.features, normalize=True, reset_real_features=False)
+        real = self.real_features()
+        fid = FrechetInceptionDistance(feature=_Given(real["reference"].shape[1]), reset_real_features=False)
         fid = fid.to(self.device)
-        self._feed(lambda b: fid.update(b, real=True), self.reference)
-        self._feed(lambda b: fid.update(b, real=False), images01)
+        self._feed(lambda b: fid.update(b, real=True), real["reference"])
+        self._feed(lambda b: fid.update(b, real=False), self._embed(images01))
         out = {"fid": fid.compute().item(), "num_samples": len(images), "num_reference": len(self.reference)}
         fid.reset()  # keeps the real side
         floor_n = min(len(images), len(self.heldout))
-        self._feed(lambda b: fid.update(b, real=False), self.heldout[:floor_n])
+        self._feed(lambda b: fid.update(b, real=False), real["heldout"][:floor_n])
         out.update(fid_floor=fid.compute().item(), fid_floor_samples=floor_n)
         if self.logits is not None:
             out.update(self._classifier_scores(images01, labels, seed))
@@ -77,19 +85,64 @@ class Scorer:
         return {"inception_score": is_mean.item(), "inception_score_std": is_std.item(),
                 "class_accuracy": accuracy.item()}
 
+    @torch.no_grad()
+    def per_sample(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What FID and class accuracy are made of, sample by sample (images in [-1, 1]), on the CPU: FID's
+        `features` and, with a classifier, whether its top class is the asked-for label (`correct`). Runs from the
+        same noise are compared by resampling these together (benchmarks/paired_bootstrap.py)."""
+        images01 = (images + 1) / 2
+        out = {"features": self._embed(images01).cpu()}
+        if self.logits is not None:
+            logits = []
+            self._feed(lambda b: logits.append(self.logits(b).float().cpu()), images01)
+            out["correct"] = torch.cat(logits).argmax(1) == labels.cpu()
+        return out
+
+    def real_features(self) -> dict[str, torch.Tensor]:
+        """The feature network's features of `reference` and `heldout`, on the scorer's device."""
+        if self._real is None:
+            real = self.cache.features("digits-real-features", self._real_key, lambda: {
+                "reference": self._embed(self.reference), "heldout": self._embed(self.heldout)})
+            self._real = {name: t.to(self.device) for name, t in real.items()}
+        return self._real
+
+    def _real_key(self) -> dict:
+        """What determines the real features: the images' bytes and how they are embedded."""
+        return {"images": tensors_digest({"reference": self.reference, "heldout": self.heldout}),
+                **extraction_key(self.features, self.batch_size, self.device, [Scorer._embed, Scorer._feed])}
+
+    @torch.no_grad()
+    def _embed(self, images01: torch.Tensor) -> torch.Tensor:
+        """FID's features of images in [0, 1], batch by batch on the scorer's device."""
+        features = []
+        self._feed(lambda b: features.append(self.features(b)), images01)
+        return torch.cat(features)
+
     def _feed(self, update, images: torch.Tensor) -> None:
         for start in range(0, len(images), self.batch_size):
             update(images[start:start + self.batch_size].to(self.device))
 
 
+class _Given(nn.Module):
+    """torchmetrics' FID `feature` module for features computed beforehand: they are its input."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
 def digits_scorer(classifier: str, reference_fraction: float = 0.5, batch_size: int = 512,
-                  device: str = "cpu", seed: int = 0) -> Scorer:
+                  device: str = "cpu", seed: int = 0, cache: ReferenceCache | None = None) -> Scorer:
     """The digits protocol: the shipped classifier's 128-d features for FID, its logits for the score."""
     net = load_classifier(Path(classifier))
     images, labels = digits(16)
     ref_idx, held_idx = split(labels, reference_fraction, seed=seed)
     to01 = lambda x: (x + 1) / 2  # noqa: E731
-    return Scorer(Features(net), Logits(net), to01(images[ref_idx]), to01(images[held_idx]), batch_size, device)
+    return Scorer(Features(net), Logits(net), to01(images[ref_idx]), to01(images[held_idx]), batch_size, device,
+                  cache)
 
 
 def load_classifier(path: Path) -> DigitClassifier:
@@ -114,6 +167,12 @@ class SamplesPSNR:
     def compute(self) -> float:
         value = self.metric.compute().item()
         return value if math.isfinite(value) else float("inf")
+
+
+def squared_errors(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Each sample's mean squared error against the reference sample from the same noise (both in [-1, 1]), in
+    float64 on the CPU: the PSNR of any set of samples is 10 log10(4 / the mean of theirs), as `SamplesPSNR`'s."""
+    return (images.double().cpu() - reference.double().cpu()).square().flatten(1).mean(1)
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:

@@ -48,7 +48,7 @@ RULES: dict[str, Rule] = {
     "estimate.steps": POSITIVE,
     # eval.py / export.py
     "ckpt": Rule("path"), "out": STR, "num_samples": Int(2), "grid_columns": POSITIVE, "grid_upscale": POSITIVE,
-    "compare_to": Rule("path", null=True), "decode": Choice("per_forward", "once"),
+    "compare_to": Rule("path", null=True), "decode": Choice("per_forward", "once"), "reference_cache": BOOL,
     "pipeline": BOOL,  # export.py: a pipeline folder
     # model
     "**._target_": STR, "**._partial_": BOOL,

@@ -2,11 +2,15 @@
 
 Samples stream batch by batch into the scorer, into `samples.npz` (the ADM evaluator's format: uint8 N x H x W x C
 under `arr_0`, labels under `arr_1`) and, with `compare_to`, into PSNR against another run's `samples.npz`. Only the
-grid's samples stay in memory (and, on ImageNet, the samples' pool features for precision/recall).
+grid's samples stay in memory (and, on ImageNet, the samples' pool features for precision/recall). The real images'
+features the scorer compares with come from a content-keyed cache in `logs/eval/cache/` (`reference_cache`,
+`vq4dit.reference_cache`). The seconds of each phase and the samples per second of sampling and of scoring are
+printed and written to `speed.json`.
 """
 
 import logging
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from vq4dit.imagenet.adm_npz import AdmSampleWriter, open_npz_array
 from vq4dit.metrics import SamplesPSNR
 from vq4dit.models import ConditionalDiT
 from vq4dit.quant.checkpoint import is_quantized_checkpoint, load_quantized
+from vq4dit.reference_cache import ReferenceCache
 from vq4dit.sampling import balanced_labels
 from vq4dit.seeds import stream_seed
 
@@ -38,13 +43,21 @@ def load_model(model_cfg: DictConfig, ckpt: str, decode: str = "per_forward") ->
     return instantiate(model_cfg, weights=str(path))
 
 
+def reference_cache(cfg: DictConfig) -> ReferenceCache:
+    """Where eval keeps the real images' features: `<paths.log_dir>/eval/cache/`, or nowhere with
+    `reference_cache=false` (computed every run)."""
+    return ReferenceCache(Path(cfg.paths.log_dir) / "eval" / "cache" if cfg.get("reference_cache", True) else None)
+
+
 def sample_and_score(cfg: DictConfig, model: ConditionalDiT, compare_to: torch.Tensor | Path | None = None, *,
-                     scorer=None, samples: Path | None = None, keep: str = "all"
-                     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                     scorer=None, samples: Path | None = None, keep: str = "all",
+                     phases: dict[str, float] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The eval protocol, shared by eval.py and the benchmarks: (samples in [-1, 1] on the CPU, their labels,
     metrics). `compare_to`: another run's samples (adds PSNR), as images in [-1, 1] or as its samples.npz;
-    `samples`: where to write this run's samples.npz; `keep`: return "all" samples or only the "grid"'s."""
-    scorer = scorer if scorer is not None else instantiate(cfg.metric)
+    `samples`: where to write this run's samples.npz; `keep`: return "all" samples or only the "grid"'s;
+    `phases`: seconds of sampling, scoring and writing are added to it."""
+    scorer = scorer if scorer is not None else instantiate(cfg.metric, cache=reference_cache(cfg))
+    clock = PhaseClock(torch.device(cfg.device), phases)
     labels = balanced_labels(cfg.num_samples, model.num_classes)
     channels, height, width = model.image_shape
     scorer.check(cfg.num_samples, model.image_shape)
@@ -58,18 +71,21 @@ def sample_and_score(cfg: DictConfig, model: ConditionalDiT, compare_to: torch.T
         if samples is not None:
             writer = files.enter_context(AdmSampleWriter(samples, labels.numpy(), (height, width, channels)))
         seed = stream_seed(cfg.seed, "eval")  # never the noise calibration sampled
-        for start, images in sampler.batches(model.to(cfg.device), labels, seed=seed):
+        for start, images in clock.each(sampler.batches(model.to(cfg.device), labels, seed=seed), "sampling"):
             check_finite_samples(images, start)  # a NaN would crash the Frechet distance's matrix square root
-            scorer.update(images, labels[start:start + len(images)])
-            pixels = to_uint8(images).cpu()
-            if writer is not None:
-                writer.write(pixels.permute(0, 2, 3, 1).numpy())  # N x H x W x C, as the ADM evaluator reads them
-            if compared is not None:
-                read, eight_bit = compared  # 8-bit samples are compared with this run's 8-bit samples
-                psnr.update(pixels.float() / 127.5 - 1 if eight_bit else images.cpu(), read(start, len(images)))
-            rows = kept[(kept >= start) & (kept < start + len(images))]
-            out.append(images[rows - start].float().cpu())
-    metrics = {"model": model.name, **scorer.compute(seed=cfg.seed)}
+            with clock("scoring"):
+                scorer.update(images, labels[start:start + len(images)])
+            with clock("writing"):
+                pixels = to_uint8(images).cpu()
+                if writer is not None:
+                    writer.write(pixels.permute(0, 2, 3, 1).numpy())  # N x H x W x C, as the ADM evaluator reads
+                if compared is not None:
+                    read, eight_bit = compared  # 8-bit samples are compared with this run's 8-bit samples
+                    psnr.update(pixels.float() / 127.5 - 1 if eight_bit else images.cpu(), read(start, len(images)))
+                rows = kept[(kept >= start) & (kept < start + len(images))]
+                out.append(images[rows - start].float().cpu())
+    with clock("scoring"):
+        metrics = {"model": model.name, **scorer.compute(seed=cfg.seed)}
     if compare_to is not None:
         metrics["psnr_vs_reference"] = psnr.compute()
     return torch.cat(out), labels[kept], metrics
@@ -99,24 +115,87 @@ def evaluate(cfg: DictConfig) -> dict:
     for name in OUTPUTS:  # refuse before minutes of sampling, not after
         fresh(out / name)
     compare_to = _compare_to_path(cfg.get("compare_to"))
-    scorer = instantiate(cfg.metric)
-    model = load_model(cfg.model, cfg.ckpt, cfg.get("decode", "per_forward"))
+    phases: dict[str, float] = {}
+    clock = PhaseClock(torch.device(cfg.device), phases)
+    with clock("loading"):
+        cache = reference_cache(cfg)
+        scorer = instantiate(cfg.metric, cache=cache)
+        model = load_model(cfg.model, cfg.ckpt, cfg.get("decode", "per_forward"))
     images, labels, metrics = sample_and_score(cfg, model, compare_to, scorer=scorer, samples=out / "samples.npz",
-                                               keep="grid")
+                                               keep="grid", phases=phases)
     metrics = {"ckpt": str(cfg.ckpt), **metrics}
-    write_json(out / "metrics.json", metrics)
-    grid = image_grid(images, labels, cfg.grid_columns)
-    save_png(out / "samples.png", grid, upscale=cfg.grid_upscale)
-    logger = instantiate(cfg.logger)
-    for k, v in metrics.items():
-        if isinstance(v, float):
-            logger.experiment.add_scalar(f"eval/{k}", v, 0)
-    logger.experiment.add_image("eval/samples", torch.from_numpy(grid), 0,
-                                dataformats="HW" if grid.ndim == 2 else "HWC")
-    logger.finalize("success")
+    with clock("writing"):
+        write_json(out / "metrics.json", metrics)
+        grid = image_grid(images, labels, cfg.grid_columns)
+        save_png(out / "samples.png", grid, upscale=cfg.grid_upscale)
+        logger = instantiate(cfg.logger)
+        for k, v in metrics.items():
+            if isinstance(v, float):
+                logger.experiment.add_scalar(f"eval/{k}", v, 0)
+        logger.experiment.add_image("eval/samples", torch.from_numpy(grid), 0,
+                                    dataformats="HW" if grid.ndim == 2 else "HWC")
+        logger.finalize("success")
+    speed = eval_speed(cfg.num_samples, phases, cache.report)
+    write_json(out / "speed.json", speed)
     log.info("metrics: %s", metrics)
     print("\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in metrics.items()))
+    print(speed_lines(speed))
+    log.info("speed: %s", speed_lines(speed).replace("\n", "; "))
     return metrics
+
+
+class PhaseClock:
+    """Seconds per phase, added into `phases`; on a GPU each reading first waits for the queued work, so a phase
+    counts the work it launched, not the work of the phase before."""
+
+    def __init__(self, device: torch.device, phases: dict[str, float] | None = None):
+        self.device, self.phases = device, phases if phases is not None else {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = self._now()
+        try:
+            yield
+        finally:
+            self.phases[phase] = self.phases.get(phase, 0.0) + self._now() - start
+
+    def each(self, items: Iterable, phase: str) -> Iterator:
+        """`items`, the time spent making each one counted under `phase`."""
+        items = iter(items)
+        while True:
+            with self(phase):
+                item = next(items, _END)
+            if item is _END:
+                return
+            yield item
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+_END = object()
+
+
+def eval_speed(num_samples: int, phases: dict[str, float], reference: list[dict]) -> dict:
+    """What speed.json holds: samples per second of sampling and of scoring (scoring's seconds include the real
+    images' features: `reference` says whether they were computed or loaded, and in how long), every phase's
+    seconds and the CPU threads."""
+    rate = lambda phase: round(num_samples / phases[phase], 3) if phases.get(phase) else None  # noqa: E731
+    return {"num_samples": num_samples, "threads": torch.get_num_threads(),
+            "samples_per_s": {"sampling": rate("sampling"), "scoring": rate("scoring")},
+            "seconds": {**{k: round(v, 3) for k, v in phases.items()}, "total": round(sum(phases.values()), 3)},
+            "reference_features": [{**r, "seconds": round(r["seconds"], 3)} for r in reference]}
+
+
+def speed_lines(speed: dict) -> str:
+    seconds, rates = speed["seconds"], speed["samples_per_s"]
+    reference = "; ".join(f"{r['name']} {r['source']} in {r['seconds']:.2f} s" for r in speed["reference_features"])
+    return (f"sampling: {rates['sampling']} samples/s ({seconds['sampling']:.1f} s, {speed['threads']} threads)\n"
+            f"scoring: {rates['scoring']} samples/s ({seconds['scoring']:.2f} s; {reference or 'no reference'})\n"
+            f"total: {seconds['total']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()
+                                                            if k != "total") + ")")
 
 
 def _compare_to_path(path: str | None) -> Path | None:

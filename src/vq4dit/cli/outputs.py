@@ -9,7 +9,7 @@ from pathlib import Path
 from vq4dit.errors import UserError
 
 TRAIN_RESULTS = ("checkpoint",)
-EVAL_RESULTS = ("metrics.json", "samples.png", "samples.npz")
+EVAL_RESULTS = ("metrics.json", "samples.png", "samples.npz", "speed.json")
 
 
 def check_no_results(folder: Path, results: tuple[str, ...]) -> None:
