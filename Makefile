@@ -30,7 +30,7 @@ test-docs: setup  ## every command of the README and docs/, run as typed at test
 test-all: setup  ## every test, the slow ones and the documented commands too
 	$(PY) -m pytest -m ""
 
-bench: setup  ## the README's comparison table and figure, rebuilt from the cached runs (benchmarks/results/compare)
+bench: setup  ## the README's comparison table and figure, from the row records today's code made (docs/comparison.md)
 	$(PY) benchmarks/compare.py --seeds 0,1 --from-cache
 
 lint: setup  ## ruff, with the project's line length (pyproject.toml)

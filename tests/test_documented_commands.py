@@ -34,8 +34,8 @@ ELSEWHERE = {
     "make setup": "the set-up itself: CI's `.ci/run` runs `make test`, which runs it first",
     "make test": "the test suite itself (`.ci/run`)",
     "python guided-diffusion/evaluations/evaluator.py": "ADM's own evaluator (another repository), not this project",
-    "python benchmarks/compare.py": "the comparison's cache is built over hours; tests/test_compare_rows.py runs its "
-                                    "row logic on real runs",
+    "python benchmarks/compare.py": "the comparison's rows take hours; tests/test_compare_rows.py makes a row and runs "
+                                    "`--from-cache` through the command line at test size",
 }
 SECTION_TESTS = ("test_readme_gpu.py", "test_readme_imagenet.py")  # they run docs/imagenet-gpu.md's commands
 
