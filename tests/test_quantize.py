@@ -26,7 +26,7 @@ FAST = ["model=dit_tiny", "fit.iterations=12", "pool.trajectories=4", "pool.size
 SMALL_VQ = ["quant.k=16", "quant.d=2"]
 SETTINGS = {  # method -> overrides (the tiny model's widths are 64 and 256: group 32 divides both)
     "rtn": ["method=rtn", "quant=w3g64", "quant.group_size=32"],
-    "gptq": ["method=gptq", "quant=w3pc", "method.act_order=true"],
+    "gptq": ["method=gptq", "quant=w3g64", "quant.group_size=32"],  # act-order's dynamic groups: group-indexed
     "kmeans": ["method=kmeans", "quant=w3", *SMALL_VQ],
     "classic_vq": ["method=classic_vq", "quant=w3", *SMALL_VQ],
     "vq4dit": ["method=vq4dit", "quant=w3", "quant.k=64"],  # 6-bit codes: packing across byte boundaries
@@ -87,7 +87,10 @@ def test_manifest_records_layer_types_and_sizes_equal_the_file(checkpoints, meth
             assert sizes[f"{name}.codes_packed"] == [-(-out_f * in_f * bits // 8)]
             assert tensors[f"{name}.scale"].dtype == torch.float16 and sizes[f"{name}.scale"] == [out_f, groups]
             zero_bytes = len(tensors[f"{name}.zero_packed"]) if f"{name}.zero_packed" in tensors else 0
-            expected_bits = (len(tensors[f"{name}.codes_packed"]) + 2 * out_f * groups + zero_bytes) * 8
+            index = tensors.get(f"{name}.group_index_packed")  # a group per input column, at ceil(log2 groups) bits
+            index_bytes = -(-in_f * max(1, (groups - 1).bit_length()) // 8) if index is not None else 0
+            assert index is None or len(index) == index_bytes
+            expected_bits = (len(tensors[f"{name}.codes_packed"]) + 2 * out_f * groups + zero_bytes + index_bytes) * 8
         assert record["bits_per_weight"] == pytest.approx(expected_bits / (out_f * in_f))
     assert [b["block"] for b in manifest["blocks"]] == list(range(cfg.model.arch.num_layers))
 
@@ -96,7 +99,10 @@ def test_manifest_records_layer_types_and_sizes_equal_the_file(checkpoints, meth
 def test_quantized_weights_take_only_allowed_values(checkpoints, method):
     cfg, ckpt, _ = checkpoints[method]
     model = load_quantized(ckpt, cfg.model)
-    for _name, layer in quantized_layers(model).items():
+    layers = quantized_layers(model)
+    if method == "gptq":  # act-order with dynamic groups: some layers' groups are scattered over their inputs
+        assert any(layer.group_index is not None for layer in layers.values())
+    for _name, layer in layers.items():
         w = layer.dequantize()
         if isinstance(layer, VQLinear):  # every sub-vector is one of the k codewords
             codebook = layer.codebook.detach()
@@ -107,6 +113,8 @@ def test_quantized_weights_take_only_allowed_values(checkpoints, method):
         else:  # every (row, group) holds at most 2^bits levels, evenly spaced by its scale, 0 among them
             assert isinstance(layer, UniformLinear) and layer.codes.max() < 2 ** layer.bits
             width = layer.in_features if layer.group_size is None else layer.group_size
+            if layer.group_index is not None:  # each group's columns side by side
+                w = w[:, torch.argsort(layer.group_index, stable=True)]
             groups = w.reshape(layer.out_features, -1, width)
             scale = layer.scale[:, :, None]
             steps = groups / scale
