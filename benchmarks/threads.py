@@ -4,8 +4,8 @@
 
 The pool (small, sampled once per process) and block 0's VQ4DiT w3 calibration run at `--threads`; the digest
 is a sha256 of the block's stored tensors, so two runs at the same thread count can be compared for bytes.
-Time it from outside with farm-bench (README, "Reliability"):
-    farm-bench -n 3 --vs 'python benchmarks/threads.py --threads 1' -- python benchmarks/threads.py --threads 2
+Time it from outside as a whole process (docs/reliability.md), e.g. with GNU time:
+    /usr/bin/time -v python benchmarks/threads.py --threads 2
 """
 
 import argparse
