@@ -71,7 +71,7 @@ DEVIATIONS = {
                  "and Conv, those included (weights per channel, inputs static per tensor).",
     "kmeans_points": "k-means (plain k-means, and the start of classic VQ and VQ4DiT) runs Lloyd on a seeded subset "
                      "of at most 256 sub-vectors per codeword (`method.kmeans_points_per_codeword`, faiss's cap), "
-                     "then assigns every sub-vector; VQ4DiT's paper and code run k-means on all of them.",
+                     "then assigns every sub-vector; VQ4DiT's released code runs it on all of a layer's sub-vectors.",
 }
 DEVIATION_RESULTS = ROOT / "benchmarks/results/deviations/results.json"
 

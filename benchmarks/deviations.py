@@ -8,7 +8,7 @@
   is then that of a short reconstruction), and measured as the table runs it and with those layers quantized too:
   round to nearest, and static input ranges calibrated as the blocks' are (the release would then reconstruct them).
 - `kmeans_points`: k-means runs Lloyd on at most 256 sub-vectors per codeword (`method.kmeans_points_per_codeword`)
-  where VQ4DiT's paper and code use all of them. A model is quantized with k-means as VQ4DiT starts (data-aware
+  where VQ4DiT's released code uses all of them. A model is quantized with k-means as VQ4DiT starts (data-aware
   weighting) both ways; VQ4DiT's fit after that start is not run here.
 Each is the quantized model's output MSE against the fp model on the pool's held-out rows (trajectories never
 calibrated on), over the fp outputs' mean square: lower is better.
