@@ -3,6 +3,7 @@ codes fixed, shipped only if it lowers the held-out output error, on the configu
 
 import copy
 
+import lightning as L
 import pytest
 import torch
 from conftest import ROOT
@@ -51,8 +52,14 @@ def test_the_fit_lowers_heldout_output_error_and_changes_only_codebooks_and_bias
     before = {name: (m.codes.clone(), m.codebook.detach().clone()) for name, m in _vq_layers(model).items()}
     frozen = {name: p.detach().clone() for name, p in model.named_parameters() if ".codebook" not in name
               and not (name.endswith(".bias") and name.rsplit(".", 1)[0] in _vq_layers(model))}
-    stats = fit_model(model, train, heldout, ModelFitSettings(iterations=40, lr=1e-4), trainer, torch.device("cpu"),
-                      "fp32", seed=0)
+    held = []  # every step: whether each VQ layer held its codes unpacked (what the fit cannot change)
+    probe = L.Callback()
+    probe.on_train_batch_start = lambda _, module, *rest: held.append(
+        [m.held_codes is not None for m in _vq_layers(module.model).values()])
+    stats = fit_model(model, train, heldout, ModelFitSettings(iterations=40, lr=1e-4),
+                      lambda **kw: trainer(callbacks=[probe], **kw), torch.device("cpu"), "fp32", seed=0)
+    assert len(held) == 40 and all(all(step) and step for step in held)
+    assert all(m.held_codes is None for m in _vq_layers(model).values())  # released after the fit
     # measured here independently of the fit's own bookkeeping: the fp model's outputs against the fitted model's
     x, t, y, target = heldout
     with torch.no_grad():

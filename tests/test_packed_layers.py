@@ -3,6 +3,8 @@
 for bit, the per-forward output is `dequantize()` + `F.linear`'s bit for bit, and a layer reloaded from its file
 equals it."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,11 +127,37 @@ def test_a_layer_reloaded_from_its_file_is_the_same_layer(layers, name, tmp_path
 
 def test_a_codebook_still_trains_on_packed_codes():
     """The model-level fit trains deployed codebooks through `dequantize()`: the gradient is the one of the weight
-    gathered from the unpacked codes."""
-    layer = VQLinear.from_linear(_linear(), 64, 2, iters=5)
-    x = torch.randn(8, IN)
+    gathered from the unpacked codes. In float64, so the two sums' different orders cannot tell them apart."""
+    layer = VQLinear.from_linear(_linear(), 64, 2, iters=5).double()
+    x = torch.randn(8, IN, dtype=torch.float64)
     layer(x).square().sum().backward()
     codebook = layer.codebook.detach().clone().requires_grad_(True)
     weight = codebook[layer.codes.long()].reshape(OUT, IN)
     expected = torch.autograd.grad(F.linear(x, weight, layer.bias.detach()).square().sum(), codebook)[0]
     torch.testing.assert_close(layer.codebook.grad, expected)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_a_layer_holding_its_fixed_part_trains_as_it_does_from_packed_codes(layers, name):
+    """The model-level fit holds what it cannot change decoded (`hold_fixed`); a step then gives exactly the
+    output and gradients of the packed layer, the held tensor follows the layer's device, and releasing it leaves
+    the layer's buffers as they were."""
+    layer = copy.deepcopy(layers[name]).double().requires_grad_(True)
+    buffers = dict(layer.named_buffers())
+    x = torch.randn(8, IN, dtype=torch.float64, requires_grad=True)
+
+    def step():
+        out = layer(x)
+        grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
+        return out.detach(), grads
+
+    packed = step()
+    layer.hold_fixed(True)
+    held = step()
+    assert torch.equal(packed[0], held[0]) and all(map(torch.equal, packed[1], held[1]))
+    assert len([key for key, _ in layer.named_buffers() if key not in buffers]) == 1
+    assert layer.state_dict().keys() == {**buffers, **dict(layer.named_parameters())}.keys()  # never saved
+    layer.hold_fixed(False)
+    assert dict(layer.named_buffers()).keys() == buffers.keys()
+    layer.hold_fixed(True)
+    assert all(b.device == torch.device("meta") for b in layer.to("meta").buffers())  # it moves with the layer

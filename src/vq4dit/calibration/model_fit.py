@@ -55,6 +55,17 @@ class ModelCalibration(L.LightningModule):
         for p in self.trainable:
             p.requires_grad_(True)
 
+    def on_train_start(self):  # after Lightning placed the model: what is held sits on its device
+        self._hold_fixed(True)
+
+    def on_train_end(self):
+        self._hold_fixed(False)
+
+    def _hold_fixed(self, hold: bool) -> None:
+        for layer in self.model.modules():
+            if isinstance(layer, QuantizedLinear):
+                layer.hold_fixed(hold)
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.model.eval()  # diffusers' label embedder drops labels in train mode

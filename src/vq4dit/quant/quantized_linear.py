@@ -48,6 +48,11 @@ class QuantizedLinear(nn.Module):
         """The dense (out, in) weight this layer stands for: the reference path for tests and decoding."""
         raise NotImplementedError
 
+    def hold_fixed(self, hold: bool) -> None:
+        """While a fit trains the layer's float parameters (the model-level fit), keep decoded what the fit cannot
+        change, so its every step does not decode it again (`hold=False` drops it). Held as a non-persistent
+        buffer: it follows the layer's device and never reaches a checkpoint. Types with nothing to hold skip it."""
+
     def decode_rows(self, start: int, stop: int, out: torch.Tensor) -> None:
         """Write rows [start, stop) of the dense weight into `out` ((stop - start) x in, its own dtype); layer
         types override this with a decode of only those rows."""

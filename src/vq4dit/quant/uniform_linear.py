@@ -123,6 +123,7 @@ class UniformLinear(QuantizedLinear):
         if group_index is not None and tuple(group_index.shape) != (in_features,):
             raise ValueError(f"group_index of shape {tuple(group_index.shape)}; valid: ({in_features},)")
         self.register_buffer("group_index", None if group_index is None else group_index.to(torch.int32))
+        self.register_buffer("held_weight", None, persistent=False)  # hold_fixed: the decoded weight
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None, symmetric: bool) -> "UniformLinear":
@@ -152,7 +153,15 @@ class UniformLinear(QuantizedLinear):
             return per_group.index_select(1, self.group_index)
         return per_group.repeat_interleave(group_width(self.in_features, self.group_size), dim=1)
 
+    def hold_fixed(self, hold: bool) -> None:
+        """Codes, scales and zeros are buffers, so a fit trains only the bias: the whole weight is held decoded
+        (fp32, the dense layer's size) while it runs."""
+        self.held_weight = None
+        self.held_weight = self.dequantize() if hold else None
+
     def dequantize(self) -> torch.Tensor:
+        if self.held_weight is not None:
+            return self.held_weight
         return decode(self.codes.float(), self.grid())
 
     def decode_rows(self, start: int, stop: int, out: torch.Tensor) -> None:

@@ -62,6 +62,7 @@ class VQLinear(QuantizedLinear):
         super().__init__(out_features, in_features, bias)
         self.register_buffer("codes_packed", pack_codes(codes.reshape(-1), code_bits(len(codebook))))
         self.codebook = nn.Parameter(codebook)
+        self.register_buffer("held_codes", None, persistent=False)  # hold_fixed: the codes unpacked, int32
 
     @property
     def k(self) -> int:
@@ -90,8 +91,12 @@ class VQLinear(QuantizedLinear):
         codes, _ = nearest(points, codebook, n=1, weights=weights)
         return cls(codes[:, 0], codebook, linear_bias(linear), linear.out_features, linear.in_features)
 
+    def hold_fixed(self, hold: bool) -> None:
+        """A fit trains the codebook, never the codes: they are held unpacked (int32) while it runs."""
+        self.held_codes = self.codes.to(torch.int32) if hold else None
+
     def dequantize(self) -> torch.Tensor:
-        codes = self.codes.long()
+        codes = self.held_codes if self.held_codes is not None else self.codes.long()
         if torch.is_grad_enabled() and self.codebook.requires_grad:  # a fit trains the codebook: the fast backward
             flat = gather_codes(self.codebook, codes)
         else:
