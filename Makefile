@@ -3,7 +3,7 @@ PY := .venv/bin/python
 # torch is pinned so pip takes the CPU wheel on CPU machines and never swaps it for a newer (CUDA) build.
 TORCH := torch==2.13.0
 
-.PHONY: help setup train test test-docs test-all bench lint
+.PHONY: help setup train test test-slow test-docs test-all bench lint
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
@@ -20,9 +20,12 @@ setup: .venv/.installed  ## create .venv and install the project with its calibr
 train: setup  ## quantize the reference digits DiT to 3 bits
 	$(PY) train.py quant=w3
 
-test: setup  ## ruff, then the default test suite (641 tests: 19.7 min measured on 2 cores), slowest listed
+test: setup  ## ruff, then the default test suite (757 tests: 11.0 min measured on 2 idle cores), slowest listed
 	$(PY) -m ruff check .
 	$(PY) -m pytest --durations=15
+
+test-slow: setup  ## the tests marked slow (minutes each: killed and resumed runs, whole CLI runs; CI runs these too)
+	$(PY) -m pytest -m slow --durations=10
 
 test-docs: setup  ## every command of the README and docs/, run as typed at test size (CI runs these too)
 	$(PY) -m pytest -m docs --durations=10

@@ -18,6 +18,7 @@ FAST = ["model=dit_tiny", "model.arch.num_layers=3", "method=classic_vq", "quant
 
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_one_process_checkpoint(compose_cfg, tmp_path, one_thread):
     one = quantize(compose_cfg("train", *FAST, f"paths.output_dir={tmp_path / 'one'}"))
     two = quantize(compose_cfg("train", *FAST, "devices=2", f"paths.output_dir={tmp_path / 'two'}",

@@ -78,6 +78,7 @@ def quantized_checkpoints(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_plain_from_pretrained_in_a_fresh_interpreter_equals_the_project_loader(quantized_checkpoints, compose_cfg,
                                                                                  tmp_path):
     folders = []

@@ -170,6 +170,7 @@ def test_speed_is_printed_and_written(first_run):
     assert 0 < reference["seconds"] <= seconds["scoring"]
 
 
+@pytest.mark.slow
 def test_command_line_reuses_the_reference_cache_with_the_numbers_of_an_uncached_run(random_dit, tmp_path, capsys):
     """Two runs of `python eval.py` into one log folder: the first computes the real images' features and caches
     them, the second loads them; a run with reference_cache=false computes them again; the same numbers each time."""

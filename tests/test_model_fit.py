@@ -47,6 +47,7 @@ def _vq_layers(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, VQLinear)}
 
 
+@pytest.mark.slow
 def test_the_fit_lowers_heldout_output_error_and_changes_only_codebooks_and_biases(quantized):
     fp, model, train, heldout, trainer = quantized
     before = {name: (m.codes.clone(), m.codebook.detach().clone()) for name, m in _vq_layers(model).items()}
@@ -75,6 +76,7 @@ def test_the_fit_lowers_heldout_output_error_and_changes_only_codebooks_and_bias
     assert not any(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_a_fit_that_does_not_help_is_undone(quantized):
     _, model, train, heldout, trainer = quantized
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -85,6 +87,7 @@ def test_a_fit_that_does_not_help_is_undone(quantized):
         assert torch.equal(p, before[name]), name
 
 
+@pytest.mark.slow
 def test_a_training_step_touches_only_the_models_device(quantized):
     _, model, train, _, _ = quantized
     module = ModelCalibration(copy.deepcopy(model).to(META), ModelFitSettings(iterations=1))
@@ -102,6 +105,7 @@ def test_model_fit_settings_are_checked():
         ModelFitSettings(lr=0)
 
 
+@pytest.mark.slow
 def test_the_fitted_model_is_exactly_what_its_checkpoint_reloads(quantized, tmp_path):
     """The fit trains fp32 codebooks; what ships (and what the fit is scored on) is the fp16-stored checkpoint."""
     from vq4dit.quant.checkpoint import load_quantized, save_quantized

@@ -103,7 +103,10 @@ def test_vae_folder_without_a_config_is_refused(tmp_path):
     assert str(tmp_path) in str(err.value) and "config.json" in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+LARGEST = ("dit_l_8", "dit_xl_2")  # slow to quantize here (CI runs them too)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n in LARGEST else []) for n in FAMILIES])
 def test_original_checkpoint_quantizes_saves_reloads_and_samples(compose_cfg, vae_folder, tmp_path, monkeypatch,
                                                                 name):
     """load (original layout) -> quantize (train.py's job, RTN 4-bit groups of 64: every family's widths divide)

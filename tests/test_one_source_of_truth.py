@@ -86,6 +86,7 @@ def _target(group: str, option: str) -> str:
     return yaml.safe_load((ROOT / "configs" / group / f"{option}.yaml").read_text())["_target_"]
 
 
+@pytest.mark.slow
 def test_qdit_without_search_and_imagenet_eval_pass_the_preflight(tmp_path):
     qdit = cli(ROOT / "train.py", "method=qdit", "method.search.generations=0", "--cfg", "job")
     assert qdit.returncode == 0, qdit.stderr
@@ -135,6 +136,7 @@ def outside_project(tmp_path_factory) -> Path:
     return home
 
 
+@pytest.mark.slow
 def test_a_method_defined_outside_runs_through_train_py_and_the_api_to_the_same_bytes(outside_project, tmp_path):
     home = outside_project
     refused = cli(home / "train.py", "method=shrunk_rtn", "method.shrink=2", "--cfg", "job", cwd=home,

@@ -113,11 +113,11 @@ def _written(path: Path, record: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("args,named", [
+@pytest.mark.parametrize("args,named", [  # one in the default run; each is a 20 s subprocess
     (["--seeds", "0,x"], ["--seeds 0,x"]),
-    (["--num-samples", "0"], ["--num-samples 0"]),
-    (["--rows", "nomethod-w3"], ["nomethod-w3"]),
-    (["--rows", "vq4dit-w4g64"], ["vq4dit-w4g64", "needs a vq preset"]),
+    pytest.param(["--num-samples", "0"], ["--num-samples 0"], marks=pytest.mark.slow),
+    pytest.param(["--rows", "nomethod-w3"], ["nomethod-w3"], marks=pytest.mark.slow),
+    pytest.param(["--rows", "vq4dit-w4g64"], ["vq4dit-w4g64", "needs a vq preset"], marks=pytest.mark.slow),
 ], ids=["seeds", "num-samples", "unknown-row", "wrong-family"])
 def test_compare_checks_its_arguments_before_any_work(tmp_path, args, named):
     result = cli("benchmarks/compare.py", *args, "--out", str(tmp_path / "out"))

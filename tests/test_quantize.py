@@ -189,6 +189,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_checkpoint(compose_cfg, tmp_path, monkeypatch, one_thread):
     """Bit-identical at one CPU thread, train.py's default (`threads`; README, "Reliability": two threads did not
     give the same bytes twice)."""

@@ -77,6 +77,7 @@ def small(args: list[str], files: dict[str, str], ckpt: Path | None = None) -> l
 
 
 
+@pytest.mark.slow
 def test_every_gpu_command_runs_at_small_size(compose_cfg, files, tmp_path, one_thread):
     commands = readme_commands()
     assert [task for task, _ in commands] == ["train"] * 4 + ["eval"]

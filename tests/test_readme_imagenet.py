@@ -91,6 +91,7 @@ def test_train_and_eval_commands_share_one_sampler(compose_cfg, files):
     assert samplers[0].scheduler.variance_type == "learned_range"
 
 
+@pytest.mark.slow
 def test_full_precision_eval_command_scores_like_the_adm_evaluator(compose_cfg, files, tmp_path):
     cfg = compose_cfg("eval", *small(readme_commands()[0][1], files))
     assert cfg.sampler.precision == "bf16" and cfg.metric.neighbours == 3 and cfg.metric.split_size == 5000

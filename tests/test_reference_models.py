@@ -15,6 +15,7 @@ from vq4dit.methods import FitSettings
 from vq4dit.methods.block_data import BlockData
 
 
+@pytest.mark.slow
 def test_calibration_beats_plain_kmeans_on_a_reference_block(compose_cfg):
     """A real block of the shipped DiT at 2 bits: the hard block that ships is closer to the fp block than
     plain k-means VQ, on held-out rows (trajectories calibration never saw)."""

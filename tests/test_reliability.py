@@ -222,6 +222,7 @@ def test_a_block_of_another_run_is_refused(cached_run, compose_cfg, tmp_path):
 
 # -- the same command, the same bytes --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_same_command_gives_the_same_checkpoint_bytes_at_the_default_threads(compose_cfg, tmp_path):
     """Two uninterrupted runs of a fitting method at the default config (threads as configured)."""
     cfgs = [compose_cfg("train", *FAST, "method=vq4dit", "fit.iterations=24", "resume=false",

@@ -154,6 +154,7 @@ def test_a_refused_rerun_leaves_the_existing_run_folder_as_it_was(finished_run, 
     assert after == before  # .hydra/config.yaml included: the record still describes the results beside it
 
 
+@pytest.mark.slow
 def test_the_printed_eval_command_works_after_architecture_overrides(tmp_path):
     arch = ["model=dit_digits", "model.weights=null", "model.arch.num_layers=1", "model.arch.num_attention_heads=2"]
     result = cli("train.py", *arch, *TINY[1:], "method=rtn", "debug=fast", logs=tmp_path / "logs")

@@ -40,6 +40,7 @@ def test_block_flops_are_the_closed_form_of_the_architecture():
     assert forward_flops(block, n) == closed == 8_474_886_144
 
 
+@pytest.mark.slow
 def test_estimate_is_within_2x_of_a_measured_run(compose_cfg, tmp_path, monkeypatch, one_thread):
     predicted = estimate(compose_cfg("train", *SMALL, "dry_run=true"))
     assert not (tmp_path / "run").exists() and not (tmp_path / "logs").exists()  # a dry run writes nothing
@@ -86,6 +87,7 @@ def test_an_assumed_throughput_scales_the_counted_work(compose_cfg):
     assert slow.device_bytes == fast.device_bytes and "every counted FLOP at 0.001 TFLOP/s" in str(slow)
 
 
+@pytest.mark.slow
 def test_the_set_up_for_another_machine_is_its_counted_work_at_the_assumed_throughput(compose_cfg, monkeypatch):
     """A block's set-up (k-means and the rest outside the fit steps) on an assumed machine: its counted FLOPs and
     bytes at the assumed rates, or its ops at the host time per op measured here, whichever is longer. At rates

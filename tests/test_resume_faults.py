@@ -69,6 +69,7 @@ def kill_and_resume(tmp_path: Path, kills: int) -> None:
     assert resumed[1] == expected[1], context
 
 
+@pytest.mark.slow
 def test_killed_runs_resume_to_the_uninterrupted_checkpoint(tmp_path):
     kill_and_resume(tmp_path, kills=2)
 
