@@ -72,8 +72,11 @@ DEVIATIONS = {
     "kmeans_points": "k-means (plain k-means, and the start of classic VQ and VQ4DiT) runs Lloyd on a seeded subset "
                      "of at most 256 sub-vectors per codeword (`method.kmeans_points_per_codeword`, faiss's cap), "
                      "then assigns every sub-vector; VQ4DiT's released code runs it on all of a layer's sub-vectors.",
+    "block_inputs": "GPTQ and Q-DiT take their Hessians on the fp model's block inputs (`pool.student_inputs=fp`); "
+                    "both authors take them on the outputs of the already-quantized earlier blocks.",
 }
 DEVIATION_RESULTS = ROOT / "benchmarks/results/deviations/results.json"
+BLOCK_INPUT_RESULTS = ROOT / "benchmarks/results/gptq-inputs/results.json"  # benchmarks/gptq_inputs.py
 
 
 def check_arguments(args) -> tuple[list[str], list[int]]:
@@ -254,7 +257,24 @@ def command_line(args) -> str:
 def deviation_notes() -> dict[str, str]:
     """Each deviation with its measured effect (benchmarks/deviations.py's committed results), or 'not measured'."""
     measured = json.loads(DEVIATION_RESULTS.read_text())["effects"] if DEVIATION_RESULTS.is_file() else {}
+    if BLOCK_INPUT_RESULTS.is_file():
+        measured["block_inputs"] = block_inputs_effect(json.loads(BLOCK_INPUT_RESULTS.read_text())["rows"])
     return {key: f"{text} {measured.get(key, 'Its effect is not measured.')}" for key, text in DEVIATIONS.items()}
+
+
+def block_inputs_effect(runs: list[dict]) -> str:
+    """The measured effect of quantized block inputs on the table's GPTQ and Q-DiT rows, from gptq_inputs.py's runs."""
+    mse = {(r["row"], r["seed"], r["student_inputs"]): r["output_mse"] for r in runs}
+    parts = []
+    for row in (name for name in ROWS if name.startswith(("gptq-", "qdit-"))):
+        ratios = [f"{mse[row, seed, 'quantized'] / mse[row, seed, 'fp']:.2f}x" for seed in (0, 1)
+                  if (row, seed, "quantized") in mse and (row, seed, "fp") in mse]
+        if ratios:
+            parts.append(f"{row} {' / '.join(ratios)}")
+    if not parts:
+        return "Its effect is not measured."
+    return ("Measured (benchmarks/gptq_inputs.py, whole-model output error on held-out rows, quantized inputs over fp "
+            f"ones, seeds 0 / 1): {'; '.join(parts)}; the other rows not measured.")
 
 
 def summarize(runs: list[dict]) -> dict:

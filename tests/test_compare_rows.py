@@ -268,6 +268,7 @@ def test_a_made_row_reloads_with_per_sample_data_that_give_its_scores(made, scor
     assert row["settings"]["seed"] == 0 and row["code"] == Code().digest and row["eval"]["num_samples"] == 20
 
 
+@pytest.mark.slow
 def test_the_table_from_cache_marks_real_differences_and_lists_stale_rows(made, tmp_path):
     """Through the real command line: records of today's code (the fp model's, rtn-w4pc's, and a copy of it whose
     every sample is 2 dB closer to the fp samples) make the table; a record of other code is reported and left out."""
@@ -350,3 +351,13 @@ def test_the_deviation_measurement_quantizes_only_the_layers_the_release_adds(co
     for (name, p), q in zip(model.named_parameters(), before.parameters()):
         if not any(part in name for part in OUTER.values()):
             assert torch.equal(p, q), name
+
+
+def test_the_block_inputs_note_gives_each_measured_rows_ratio_and_says_what_is_not_measured():
+    from compare import block_inputs_effect
+    runs = [{"row": "gptq-w3g64", "seed": seed, "student_inputs": inputs, "output_mse": mse}
+            for seed, inputs, mse in ((0, "fp", 2e-4), (0, "quantized", 3e-4), (1, "fp", 4e-4), (1, "quantized", 1e-4))]
+    runs.append({"row": "qdit-w4a8", "seed": 0, "student_inputs": "fp", "output_mse": 1.0})  # no pair: left out
+    note = block_inputs_effect(runs)
+    assert "gptq-w3g64 1.50x / 0.25x;" in note and "qdit" not in note and "other rows not measured" in note
+    assert block_inputs_effect([]) == "Its effect is not measured."
