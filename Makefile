@@ -24,7 +24,7 @@ test: setup  ## ruff, then the default test suite (757 tests: 11.0 min measured 
 	$(PY) -m ruff check .
 	$(PY) -m pytest --durations=15
 
-test-slow: setup  ## the tests marked slow (minutes each: killed and resumed runs, whole CLI runs; CI runs these too)
+test-slow: setup  ## the tests marked slow (67: 21.2 min idle; killed and resumed runs, whole CLI runs; CI runs them)
 	$(PY) -m pytest -m slow --durations=10
 
 test-docs: setup  ## every command of the README and docs/, run as typed at test size (CI runs these too)
