@@ -22,6 +22,7 @@ from torchmetrics.image.inception import InceptionScore
 
 from vq4dit.data.digits import digits, split
 from vq4dit.errors import UserError
+from vq4dit.imagenet.frechet import PrecomputedFeatures
 from vq4dit.models.classifier import DigitClassifier, Features, Logits
 from vq4dit.reference_cache import ReferenceCache, extraction_key, tensors_digest
 
@@ -58,8 +59,8 @@ class Scorer:
         """images in [-1, 1] (N, C, H, W), labels (N,) -> a flat dict of floats."""
         images01 = (images + 1) / 2
         real = self.real_features()
-        fid = FrechetInceptionDistance(feature=_Given(real["reference"].shape[1]), reset_real_features=False)
-        fid = fid.to(self.device)
+        width = real["reference"].shape[1]
+        fid = FrechetInceptionDistance(feature=PrecomputedFeatures(width), reset_real_features=False).to(self.device)
         self._feed(lambda b: fid.update(b, real=True), real["reference"])
         self._feed(lambda b: fid.update(b, real=False), self._embed(images01))
         out = {"fid": fid.compute().item(), "num_samples": len(images), "num_reference": len(self.reference)}
@@ -121,17 +122,6 @@ class Scorer:
     def _feed(self, update, images: torch.Tensor) -> None:
         for start in range(0, len(images), self.batch_size):
             update(images[start:start + self.batch_size].to(self.device))
-
-
-class _Given(nn.Module):
-    """torchmetrics' FID `feature` module for features computed beforehand: they are its input."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features
 
 
 def digits_scorer(classifier: str, reference_fraction: float = 0.5, batch_size: int = 512,

@@ -11,8 +11,8 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 
-class _Precomputed(nn.Module):
-    """FrechetInceptionDistance's feature network when the features are already computed."""
+class PrecomputedFeatures(nn.Module):
+    """FrechetInceptionDistance's feature network when the features are already computed: they are its input."""
 
     def __init__(self, num_features: int):
         super().__init__()
@@ -24,7 +24,8 @@ class _Precomputed(nn.Module):
 
 class FrechetDistanceToStatistics:
     def __init__(self, mu: np.ndarray, sigma: np.ndarray, device: str | torch.device):
-        self.metric = FrechetInceptionDistance(feature=_Precomputed(len(mu)), reset_real_features=False).to(device)
+        features = PrecomputedFeatures(len(mu))
+        self.metric = FrechetInceptionDistance(feature=features, reset_real_features=False).to(device)
         mu_t = torch.as_tensor(mu, dtype=torch.float64, device=self.metric.device)
         sigma_t = torch.as_tensor(sigma, dtype=torch.float64, device=self.metric.device)
         # torchmetrics keeps running sums; the sums of a nominal n = 2 real samples give back mu and sigma
