@@ -55,9 +55,12 @@ from vq4dit.cli.outputs import check_writable
 from vq4dit.cli.quantize import build_method
 from vq4dit.errors import UserError, instantiate
 
+SEQUENTIAL = "pool.student_inputs=quantized"  # Hessians on the quantized earlier blocks' outputs, as GPTQ's authors
 ROWS = ["rtn-w4pc", "rtn-w4g64", "gptq-w4pc", "gptq-w4g64", "kmeans-w4", "classic_vq-w4", "vq4dit-w4",
-        "rtn-w3pc", "rtn-w3g64", "gptq-w3pc", "gptq-w3g64", "kmeans-w3", "classic_vq-w3", "vq4dit-w3",
-        "rtn-w2pc", "rtn-w2g64", "gptq-w2pc", "gptq-w2g64", "kmeans-w2", "classic_vq-w2", "vq4dit-w2",
+        "rtn-w3pc", "rtn-w3g64", "gptq-w3pc", "gptq-w3g64", f"gptq-w3g64+{SEQUENTIAL}", "kmeans-w3", "classic_vq-w3",
+        "vq4dit-w3",
+        "rtn-w2pc", "rtn-w2g64", "gptq-w2pc", "gptq-w2g64", f"gptq-w2g64+{SEQUENTIAL}", "kmeans-w2", "classic_vq-w2",
+        "vq4dit-w2",
         # weights and activations (act presets: README, "Activation quantization")
         "rtn-w8a8", "ptq4dit-w8a8", "qdit-w6a8", "rtn-w4a8", "gptq-w4a8", "qdit-w4a8", "ptq4dit-w4a8",
         "vq4dit-w3-a8", "vq4dit-w2-a8"]
@@ -73,7 +76,8 @@ DEVIATIONS = {
                      "of at most 256 sub-vectors per codeword (`method.kmeans_points_per_codeword`, faiss's cap), "
                      "then assigns every sub-vector; VQ4DiT's released code runs it on all of a layer's sub-vectors.",
     "block_inputs": "GPTQ and Q-DiT take their Hessians on the fp model's block inputs (`pool.student_inputs=fp`); "
-                    "both authors take them on the outputs of the already-quantized earlier blocks.",
+                    "both authors take them on the outputs of the already-quantized earlier blocks, as the rows "
+                    "`gptq-...+pool.student_inputs=quantized` do.",
 }
 DEVIATION_RESULTS = ROOT / "benchmarks/results/deviations/results.json"
 BLOCK_INPUT_RESULTS = ROOT / "benchmarks/results/gptq-inputs/results.json"  # benchmarks/gptq_inputs.py
