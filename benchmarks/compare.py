@@ -78,8 +78,12 @@ DEVIATIONS = {
     "block_inputs": "GPTQ and Q-DiT take their Hessians on the fp model's block inputs (`pool.student_inputs=fp`); "
                     "both authors take them on the outputs of the already-quantized earlier blocks, as the rows "
                     "`gptq-...+pool.student_inputs=quantized` do.",
+    "recon_steps": "PTQ4DiT (like every fitting row) reconstructs each block for 500 steps of batch 16 (`fit`, the "
+                   "design card's); its authors' release runs 20000 steps of batch 32 (`cali_iters`, "
+                   "`cali_batch_size`).",
 }
-DEVIATION_RESULTS = ROOT / "benchmarks/results/deviations/results.json"
+# benchmarks/deviations.py's committed runs (one folder per run: deviations/, deviations-recon/, ...)
+DEVIATION_RESULTS = ROOT / "benchmarks/results"
 BLOCK_INPUT_RESULTS = ROOT / "benchmarks/results/gptq-inputs/results.json"  # benchmarks/gptq_inputs.py
 
 
@@ -260,7 +264,8 @@ def command_line(args) -> str:
 
 def deviation_notes() -> dict[str, str]:
     """Each deviation with its measured effect (benchmarks/deviations.py's committed results), or 'not measured'."""
-    measured = json.loads(DEVIATION_RESULTS.read_text())["effects"] if DEVIATION_RESULTS.is_file() else {}
+    measured = {key: text for path in sorted(DEVIATION_RESULTS.glob("deviations*/results.json"))
+                for key, text in json.loads(path.read_text())["effects"].items()}
     if BLOCK_INPUT_RESULTS.is_file():
         measured["block_inputs"] = block_inputs_effect(json.loads(BLOCK_INPUT_RESULTS.read_text())["rows"])
     return {key: f"{text} {measured.get(key, 'Its effect is not measured.')}" for key, text in DEVIATIONS.items()}

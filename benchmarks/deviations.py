@@ -1,4 +1,4 @@
-"""What two departures of the comparison's rows from their authors' releases cost on the reference digits DiT
+"""What three departures of the comparison's rows from their authors' releases cost on the reference digits DiT
 (benchmarks/compare.py quotes the results in the table's notes).
 
 - `embedders`: every row quantizes the block linears only; PTQ4DiT's release wraps every Linear and Conv, so it also
@@ -10,8 +10,12 @@
 - `kmeans_points`: k-means runs Lloyd on at most 256 sub-vectors per codeword (`method.kmeans_points_per_codeword`)
   where VQ4DiT's released code uses all of them. A model is quantized with k-means as VQ4DiT starts (data-aware
   weighting) both ways; VQ4DiT's fit after that start is not run here.
-Each is the quantized model's output MSE against the fp model on the pool's held-out rows (trajectories never
-calibrated on), over the fp outputs' mean square: lower is better.
+- `recon_steps`: every row reconstructs a block for `fit.iterations` = 500 steps of batch 16; PTQ4DiT's release runs
+  20000 steps of batch 32 (`cali_iters`, `cali_batch_size`). One block (`--recon-block`, fp inputs) of a PTQ4DiT
+  preset is reconstructed for each of `--recon-steps` (steps x batch) and its held-out block MSE compared.
+The first two are the quantized model's output MSE against the fp model on the pool's held-out rows (trajectories
+never calibrated on), over the fp outputs' mean square; the third the block's MSE on the held-out rows over its
+round-to-nearest start's: lower is better.
 
     python benchmarks/deviations.py                 # -> benchmarks/results/deviations/
 
@@ -21,6 +25,7 @@ resumes after it.
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,11 +34,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from harness import ROOT, config, fresh_dir, write_results
+from harness import ROOT, config, fp_blocks, fresh_dir, write_results
 from torch import nn
 
 from vq4dit.calibration.model_fit import model_outputs
-from vq4dit.calibration.pipeline import quantize_model
+from vq4dit.calibration.pipeline import default_trainer, quantize_block, quantize_model
 from vq4dit.calibration.zero_data import ZeroDataBlockInputs
 from vq4dit.cli.build import build_method
 from vq4dit.errors import instantiate
@@ -51,27 +56,17 @@ def main() -> None:
     p.add_argument("--ptq4dit", default="w8a8,w4a8", help="PTQ4DiT presets measured with and without the embedders")
     p.add_argument("--iterations", type=int, default=50, help="PTQ4DiT's reconstruction steps per block")
     p.add_argument("--kmeans", default="w4,w3,w2", help="VQ presets whose k-means is measured with and without the cap")
+    p.add_argument("--recon", default="w4a8", help="PTQ4DiT presets whose reconstruction length is measured")
+    p.add_argument("--recon-steps", default="500x16,2000x16,20000x32",
+                   help="reconstruction lengths compared, steps x batch (the table's first, the release's last)")
+    p.add_argument("--recon-block", type=int, default=1, help="the block reconstructed (fp inputs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/deviations"))
     args = p.parse_args()
     out = fresh_dir(Path(args.out))
     torch.set_num_threads(1)  # train.py's default
     device = torch.device("cpu")
-    cfg = config("train", f"seed={args.seed}")
-    fp = instantiate(cfg.model)
-    pool = ZeroDataBlockInputs.of(fp, instantiate(cfg.sampler), instantiate(cfg.pool), args.seed, progress=False)
-    rows_of = lambda part: tuple(r[part] for r in (pool.inputs, pool.timesteps, pool.labels))  # noqa: E731
-    heldout, calibration = rows_of(pool.heldout_rows), rows_of(slice(0, 256))
-    target = model_outputs(fp, heldout, device, "fp32")
-    relative = lambda model: (torch.nn.functional.mse_loss(model_outputs(model, heldout, device, "fp32"), target)  # noqa: E731
-                              / target.square().mean()).item()
-
-    def quantized(*overrides: str):
-        run_cfg = config("train", f"seed={args.seed}", *overrides)
-        model, mark = copy.deepcopy(fp), time.time()
-        quantize_model(model, build_method(run_cfg), pool, device=device, seed=args.seed,
-                       fit=instantiate(run_cfg.fit), model_fit=instantiate(run_cfg.model_fit), progress=False)
-        return model, round(time.time() - mark, 1)
+    relative, quantized, calibration, heldout_rows = whole_model(args.seed, device)
 
     rows = []
     for preset in filter(None, args.ptq4dit.split(",")):
@@ -84,7 +79,7 @@ def main() -> None:
         for part, name in (*OUTER.items(), ("all", "")):  # each part alone, then all (the release)
             copied = copy.deepcopy(model)
             layers = [m for n, m in copied.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and name in n]
-            quantize_outer_layers(copied, layers, method.quant.bits, method.activation.bits, calibration, device)
+            quantize_outer_layers(copied, layers, method.quant.bits, method.activation.bits, calibration(), device)
             released[part] = relative(copied)
         rows.append(keep({"deviation": "embedders", "row": f"ptq4dit-{preset}", "as_in_the_table": relative(model),
                           "as_released": released.pop("all"), "one_part_quantized": released, "seconds": seconds},
@@ -101,40 +96,118 @@ def main() -> None:
         rows.append(keep({"deviation": "kmeans_points", "row": f"kmeans-{preset}+kmeans_weighting=input_moment",
                           "as_in_the_table": measured[256], "as_released": measured[ALL_POINTS], "seconds": seconds},
                          preset, None, args.seed))
-    custom = (args.ptq4dit, args.iterations, args.kmeans, args.seed) != ("w8a8,w4a8", 50, "w4,w3,w2", 0)
+    lengths = [tuple(int(n) for n in length.split("x")) for length in args.recon_steps.split(",")]
+    for preset in filter(None, args.recon.split(",")):
+        rows.append(recon_steps(preset, lengths, args.recon_block, args.seed, device))
+    defaults = ("w8a8,w4a8", 50, "w4,w3,w2", "w4a8", "500x16,2000x16,20000x32", 1, 0)
+    given = (args.ptq4dit, args.iterations, args.kmeans, args.recon, args.recon_steps, args.recon_block, args.seed)
     command = "python benchmarks/deviations.py" + (
-        f" --ptq4dit {args.ptq4dit} --iterations {args.iterations} --kmeans {args.kmeans} --seed {args.seed}"
-        if custom else "")
+        f" --ptq4dit {args.ptq4dit} --iterations {args.iterations} --kmeans {args.kmeans} --recon {args.recon}"
+        f" --recon-steps {args.recon_steps} --recon-block {args.recon_block} --seed {args.seed}"
+        if given != defaults else "")
     setup = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-             "threads": torch.get_num_threads(), "heldout_rows": len(target), "effects": effects(rows, command, args)}
-    lines = [f"Command: `{command}` ({setup['date']}, 1 CPU thread, seed {args.seed}). Output MSE of the quantized "
-             f"reference digits DiT against the fp model on the pool's {len(target)} held-out rows, over the fp "
-             "outputs' mean square (lower is better): as the comparison's row runs it, and as its authors' release "
-             f"does. PTQ4DiT rows with {args.iterations} reconstruction steps per block (the table's rows: 500).", "",
-             "| deviation | model | as in the table | as released | released / table | "
-             + " | ".join(f"{part} alone" for part in OUTER) + " |", "|---|---|---|---|---|" + "---|" * len(OUTER)]
-    lines += [f"| {r['deviation']} | {r['row']} | {r['as_in_the_table']:.4g} | {r['as_released']:.4g} | "
-              f"{r['as_released'] / r['as_in_the_table']:.3f} | "
-              + " | ".join(f"{r['one_part_quantized'][part]:.4g}" if "one_part_quantized" in r else "–"
-                           for part in OUTER) + " |" for r in rows]
+             "threads": torch.get_num_threads(), "heldout_rows": heldout_rows, "effects": effects(rows, command, args)}
+    model_rows = [r for r in rows if r["deviation"] != "recon_steps"]
+    lines = [f"Command: `{command}` ({setup['date']}, 1 CPU thread, seed {args.seed})."]
+    if model_rows:
+        lines[0] += (f" Output MSE of the quantized reference digits DiT against the fp model on the pool's "
+                     f"{heldout_rows} held-out rows, over the fp outputs' mean square (lower is better): as the "
+                     "comparison's row runs it, and as its authors' release does. PTQ4DiT rows with "
+                     f"{args.iterations} reconstruction steps per block (the table's rows: 500).")
+        lines += ["", "| deviation | model | as in the table | as released | released / table | "
+                  + " | ".join(f"{part} alone" for part in OUTER) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(OUTER)]
+        lines += [f"| {r['deviation']} | {r['row']} | {r['as_in_the_table']:.4g} | {r['as_released']:.4g} | "
+                  f"{r['as_released'] / r['as_in_the_table']:.3f} | "
+                  + " | ".join(f"{r['one_part_quantized'][part]:.4g}" if "one_part_quantized" in r else "–"
+                               for part in OUTER) + " |" for r in model_rows]
+    recon = [r for r in rows if r["deviation"] == "recon_steps"]
+    if recon:
+        lines += ["", "Reconstruction length (`recon_steps`): PTQ4DiT's held-out MSE of one block (fp inputs) over its "
+                  "round-to-nearest start's, per length (steps x batch), and the wall time of each reconstruction.", "",
+                  "| model | block | " + " | ".join(r["length"] for r in recon[0]["lengths"]) + " |",
+                  "|---|---|" + "---|" * len(recon[0]["lengths"])]
+        lines += [f"| {r['row']} | {r['block']} | " + " | ".join(
+            f"{m['mse'] / r['start_mse']:.4f} ({m['seconds']:.0f} s)" for m in r["lengths"]) + " |" for r in recon]
     write_results(out, rows, "\n".join(lines), setup)
     print((out / "results.md").read_text())
 
 
-def _path(kind: str, preset: str, iterations: int | None, seed: int) -> Path:
-    key = hashlib.sha1(json.dumps([kind, preset, iterations, seed]).encode()).hexdigest()[:12]
+def whole_model(seed: int, device: torch.device):
+    """(the relative held-out output error of a model, a quantizer of copies of the fp model, the calibration rows,
+    the held-out row count), the pool made on first use (a run of cached or block-only measurements needs none)."""
+    made = {}
+
+    def pool():
+        if not made:
+            cfg = config("train", f"seed={seed}")
+            fp = instantiate(cfg.model)
+            rows = ZeroDataBlockInputs.of(fp, instantiate(cfg.sampler), instantiate(cfg.pool), seed, progress=False)
+            of = lambda part: tuple(r[part] for r in (rows.inputs, rows.timesteps, rows.labels))  # noqa: E731
+            heldout = of(rows.heldout_rows)
+            made.update(fp=fp, pool=rows, heldout=heldout, calibration=of(slice(0, 256)),
+                        target=model_outputs(fp, heldout, device, "fp32"))
+        return made
+
+    def relative(model) -> float:
+        m = pool()
+        out = model_outputs(model, m["heldout"], device, "fp32")
+        return (torch.nn.functional.mse_loss(out, m["target"]) / m["target"].square().mean()).item()
+
+    def quantized(*overrides: str):
+        m, run_cfg = pool(), config("train", f"seed={seed}", *overrides)
+        model, mark = copy.deepcopy(m["fp"]), time.time()
+        quantize_model(model, build_method(run_cfg), m["pool"], device=device, seed=seed,
+                       fit=instantiate(run_cfg.fit), model_fit=instantiate(run_cfg.model_fit), progress=False)
+        return model, round(time.time() - mark, 1)
+
+    cfg = config("train", f"seed={seed}")
+    return relative, quantized, lambda: pool()["calibration"], cfg.pool.heldout_size
+
+
+def recon_steps(preset: str, lengths: list[tuple[int, int]], block: int, seed: int, device: torch.device,
+                *overrides: str) -> dict:
+    """PTQ4DiT at `preset` on one block (fp inputs), reconstructed for each (steps, batch) of `lengths`, every one from
+    the same fp block: the held-out block MSE of each, each length kept as it finishes (the release's takes hours
+    here). `overrides` (config keys) shrink it for tests."""
+    if (row := cached("recon_steps", preset, lengths, seed, block, *overrides)) is not None:
+        return row
+    cfg = config("train", f"seed={seed}", "method=ptq4dit", f"quant={preset}", "trainer.enable_progress_bar=false",
+                 *overrides)
+    data = next(b for b in fp_blocks(cfg) if b.index == block)
+    measured = []
+    for steps, batch in lengths:
+        if (one := cached("recon_length", preset, [steps, batch], seed, block, *overrides)) is None:
+            fit = instantiate(cfg.fit)
+            fit = dataclasses.replace(fit, iterations=steps, batch_size=batch)
+            trainer = default_trainer(device, trainer=instantiate(cfg.trainer))
+            mark = time.time()
+            _, stats = quantize_block(build_method(cfg), copy.deepcopy(data), fit, trainer)
+            one = keep({"deviation": "recon_length", "length": f"{steps}x{batch}", "steps": steps, "batch": batch,
+                        "start_mse": stats["start_mse"], "mse": stats["method_mse"],
+                        "seconds": round(time.time() - mark, 1)}, preset, [steps, batch], seed, block, *overrides)
+        measured.append(one)
+    table, released = measured[0], measured[-1]
+    return keep({"deviation": "recon_steps", "row": f"ptq4dit-{preset}", "block": block,
+                 "start_mse": table["start_mse"], "lengths": measured, "as_in_the_table": table["mse"],
+                 "as_released": released["mse"], "seconds": sum(m["seconds"] for m in measured)},
+                preset, lengths, seed, block, *overrides)
+
+
+def _path(kind: str, preset: str, iterations, seed: int, *more) -> Path:
+    key = hashlib.sha1(json.dumps([kind, preset, iterations, seed, *more]).encode()).hexdigest()[:12]
     return CACHE / f"{kind}-{preset}-{key}.json"
 
 
-def cached(kind: str, preset: str, iterations: int | None, seed: int) -> dict | None:
+def cached(kind: str, preset: str, iterations, seed: int, *more) -> dict | None:
     """A measurement an earlier, interrupted run of the same settings finished."""
-    path = _path(kind, preset, iterations, seed)
+    path = _path(kind, preset, iterations, seed, *more)
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def keep(row: dict, preset: str, iterations: int | None, seed: int) -> dict:
+def keep(row: dict, preset: str, iterations, seed: int, *more) -> dict:
     """`row` kept under CACHE (temporary name, then renamed), so a rerun resumes after it."""
-    path = _path(row["deviation"], preset, iterations, seed)
+    path = _path(row["deviation"], preset, iterations, seed, *more)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(row) + "\n")
@@ -192,6 +265,14 @@ def effects(rows: list[dict], command: str, args) -> dict[str, str]:
                                 "instead changes the held-out output error of a data-aware k-means model (VQ4DiT's "
                                 f"start), relative to the fp output's mean square, {ratios('kmeans_points')}; its "
                                 "effect after VQ4DiT's fit, and on FID and PSNR, is not measured.")
+    recon = [r for r in rows if r["deviation"] == "recon_steps"]
+    if recon:
+        out["recon_steps"] = (
+            f"Measured (`{command}`, benchmarks/results/deviations/): PTQ4DiT's held-out MSE of block "
+            f"{recon[0]['block']} (fp inputs) over its round-to-nearest start's, by reconstruction length (steps x "
+            "batch): " + "; ".join(f"{r['row']}: " + ", ".join(f"{m['length']} {m['mse'] / r['start_mse']:.3f}"
+                                                              for m in r["lengths"]) for r in recon)
+            + "; its effect on FID and PSNR is not measured.")
     return out
 
 

@@ -361,3 +361,25 @@ def test_the_block_inputs_note_gives_each_measured_rows_ratio_and_says_what_is_n
     note = block_inputs_effect(runs)
     assert "gptq-w3g64 1.50x / 0.25x;" in note and "qdit" not in note and "other rows not measured" in note
     assert block_inputs_effect([]) == "Its effect is not measured."
+
+
+def test_every_reconstruction_length_starts_from_the_same_fp_block_and_is_kept(monkeypatch, tmp_path, one_thread):
+    """benchmarks/deviations.py's `recon_steps`: a length measured after another gives what it gives alone (PTQ4DiT
+    folds its balancing into the block it is given, so a shared block would drift), a longer reconstruction is
+    another measurement, and a finished length is read back, not run again."""
+    import deviations
+
+    monkeypatch.setattr(deviations, "CACHE", tmp_path / "cache")
+    small = ("model=dit_tiny", "pool.trajectories=4", "pool.size=96", "pool.heldout_trajectories=2",
+             "pool.heldout_size=32")
+    alone = deviations.recon_steps("w4a8", [(3, 4)], 1, 0, torch.device("cpu"), *small)
+    shutil.rmtree(tmp_path / "cache")
+    after = deviations.recon_steps("w4a8", [(12, 4), (3, 4)], 1, 0, torch.device("cpu"), *small)
+    longer, short = after["lengths"]
+    assert short["mse"] == alone["lengths"][0]["mse"] and short["start_mse"] == longer["start_mse"]
+    assert longer["mse"] != short["mse"] and (longer["steps"], longer["batch"]) == (12, 4)
+    assert (after["as_in_the_table"], after["as_released"]) == (longer["mse"], short["mse"])
+    monkeypatch.setattr(deviations, "quantize_block", lambda *a: pytest.fail("a kept length was run again"))
+    assert deviations.recon_steps("w4a8", [(12, 4), (3, 4)], 1, 0, torch.device("cpu"), *small) == after
+    again = deviations.recon_steps("w4a8", [(3, 4), (12, 4)], 1, 0, torch.device("cpu"), *small)  # each length kept
+    assert [m["mse"] for m in again["lengths"]] == [short["mse"], longer["mse"]]
