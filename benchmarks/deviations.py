@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shlex
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,6 +49,7 @@ from vq4dit.quant.uniform_linear import decode, round_to_nearest
 # The layers the block loop leaves in full precision, by where they sit (the deployed block layers are other types)
 OUTER = {"patch embedder": "pos_embed.", "timestep MLP": "timestep_embedder.", "final layer": "proj_out_"}
 ALL_POINTS = 10**9  # kmeans_points_per_codeword above any layer's sub-vector count: Lloyd on every sub-vector
+RELEASED_LENGTH = "20000x32"  # PTQ4DiT's release: cali_iters x cali_batch_size
 CACHE = ROOT / "logs" / "benchmark" / "deviations"  # each finished measurement, so an interrupted run resumes
 
 
@@ -57,7 +59,7 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=50, help="PTQ4DiT's reconstruction steps per block")
     p.add_argument("--kmeans", default="w4,w3,w2", help="VQ presets whose k-means is measured with and without the cap")
     p.add_argument("--recon", default="w4a8", help="PTQ4DiT presets whose reconstruction length is measured")
-    p.add_argument("--recon-steps", default="500x16,2000x16,20000x32",
+    p.add_argument("--recon-steps", default=f"500x16,2000x16,{RELEASED_LENGTH}",
                    help="reconstruction lengths compared, steps x batch (the table's first, the release's last)")
     p.add_argument("--recon-block", type=int, default=1, help="the block reconstructed (fp inputs)")
     p.add_argument("--seed", type=int, default=0)
@@ -99,14 +101,15 @@ def main() -> None:
     lengths = [tuple(int(n) for n in length.split("x")) for length in args.recon_steps.split(",")]
     for preset in filter(None, args.recon.split(",")):
         rows.append(recon_steps(preset, lengths, args.recon_block, args.seed, device))
-    defaults = ("w8a8,w4a8", 50, "w4,w3,w2", "w4a8", "500x16,2000x16,20000x32", 1, 0)
+    defaults = ("w8a8,w4a8", 50, "w4,w3,w2", "w4a8", f"500x16,2000x16,{RELEASED_LENGTH}", 1, 0)
     given = (args.ptq4dit, args.iterations, args.kmeans, args.recon, args.recon_steps, args.recon_block, args.seed)
-    command = "python benchmarks/deviations.py" + (
-        f" --ptq4dit {args.ptq4dit} --iterations {args.iterations} --kmeans {args.kmeans} --recon {args.recon}"
-        f" --recon-steps {args.recon_steps} --recon-block {args.recon_block} --seed {args.seed}"
-        if given != defaults else "")
+    command = "python benchmarks/deviations.py" + "".join(
+        f" --{name} {shlex.quote(str(value))}" for name, value, default in zip(
+            ("ptq4dit", "iterations", "kmeans", "recon", "recon-steps", "recon-block", "seed"), given, defaults)
+        if value != default)
     setup = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-             "threads": torch.get_num_threads(), "heldout_rows": heldout_rows, "effects": effects(rows, command, args)}
+             "threads": torch.get_num_threads(), "heldout_rows": heldout_rows,
+             "effects": effects(rows, command, args, out)}
     model_rows = [r for r in rows if r["deviation"] != "recon_steps"]
     lines = [f"Command: `{command}` ({setup['date']}, 1 CPU thread, seed {args.seed})."]
     if model_rows:
@@ -194,6 +197,13 @@ def recon_steps(preset: str, lengths: list[tuple[int, int]], block: int, seed: i
                 preset, lengths, seed, block, *overrides)
 
 
+def _shown(path: Path) -> str:
+    try:
+        return f"{Path(path).resolve().relative_to(ROOT)}/"
+    except ValueError:
+        return f"{path}/"
+
+
 def _path(kind: str, preset: str, iterations, seed: int, *more) -> Path:
     key = hashlib.sha1(json.dumps([kind, preset, iterations, seed, *more]).encode()).hexdigest()[:12]
     return CACHE / f"{kind}-{preset}-{key}.json"
@@ -243,7 +253,7 @@ def quantize_outer_layers(model, layers: list[nn.Module], bits: int, act_bits: i
         attach_input_quantizer(layer, quantizer.to(device))
 
 
-def effects(rows: list[dict], command: str, args) -> dict[str, str]:
+def effects(rows: list[dict], command: str, args, out: Path) -> dict[str, str]:
     """One sentence per deviation for the table's notes: what it changes, measured by `command`."""
     def ratios(kind: str) -> str:
         return "; ".join(f"{r['row'].split('+')[0]}: {r['as_in_the_table']:.3g} -> {r['as_released']:.3g} "
@@ -253,25 +263,28 @@ def effects(rows: list[dict], command: str, args) -> dict[str, str]:
                              if "one_part_quantized" in r else "") + ")"
                          for r in rows if r["deviation"] == kind)
 
-    out = {}
+    where, out = _shown(out), {}
     if any(r["deviation"] == "embedders" for r in rows):
-        out["embedders"] = (f"Measured (`{command}`, benchmarks/results/deviations/): quantizing those layers as well "
+        out["embedders"] = (f"Measured (`{command}`, {where}): quantizing those layers as well "
                             "changes the model's held-out output error, relative to the fp output's mean square, "
                             f"{ratios('embedders')} (PTQ4DiT with {args.iterations} reconstruction steps per block, "
                             "those layers round to nearest; the release would also reconstruct them); its effect on "
                             "FID and PSNR is not measured.")
     if any(r["deviation"] == "kmeans_points" for r in rows):
-        out["kmeans_points"] = (f"Measured (`{command}`, benchmarks/results/deviations/): k-means on every sub-vector "
+        out["kmeans_points"] = (f"Measured (`{command}`, {where}): k-means on every sub-vector "
                                 "instead changes the held-out output error of a data-aware k-means model (VQ4DiT's "
                                 f"start), relative to the fp output's mean square, {ratios('kmeans_points')}; its "
                                 "effect after VQ4DiT's fit, and on FID and PSNR, is not measured.")
     recon = [r for r in rows if r["deviation"] == "recon_steps"]
     if recon:
         out["recon_steps"] = (
-            f"Measured (`{command}`, benchmarks/results/deviations/): PTQ4DiT's held-out MSE of block "
+            f"Measured (`{command}`, {where}): PTQ4DiT's held-out MSE of block "
             f"{recon[0]['block']} (fp inputs) over its round-to-nearest start's, by reconstruction length (steps x "
             "batch): " + "; ".join(f"{r['row']}: " + ", ".join(f"{m['length']} {m['mse'] / r['start_mse']:.3f}"
                                                               for m in r["lengths"]) for r in recon)
+            + " (above 1: worse than the start, and a block then ships its start)"
+            + ("" if any(m["length"] == RELEASED_LENGTH for r in recon for m in r["lengths"])
+               else f"; the release's {RELEASED_LENGTH} is not measured")
             + "; its effect on FID and PSNR is not measured.")
     return out
 
