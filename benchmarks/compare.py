@@ -64,6 +64,13 @@ ROWS = ["rtn-w4pc", "rtn-w4g64", "gptq-w4pc", "gptq-w4g64", "kmeans-w4", "classi
         # weights and activations (act presets: README, "Activation quantization")
         "rtn-w8a8", "ptq4dit-w8a8", "qdit-w6a8", "rtn-w4a8", "gptq-w4a8", "qdit-w4a8", "ptq4dit-w4a8",
         "vq4dit-w3-a8", "vq4dit-w2-a8"]
+# Pairs the front page's reading compares (who beats whom) that are not neighbours in the table: each gets the same
+# paired bootstrap as neighbouring rows, listed under the table when both rows are in it
+HEAD_TO_HEAD = [("gptq-w4g64", "vq4dit-w4"), ("gptq-w3g64", "vq4dit-w3"), ("gptq-w2g64", "vq4dit-w2"),
+                (f"gptq-w2g64+{SEQUENTIAL}", "vq4dit-w2"), ("gptq-w2pc", "vq4dit-w2"), ("classic_vq-w3", "vq4dit-w3"),
+                ("classic_vq-w2", "vq4dit-w2"), ("rtn-w4g64", "gptq-w4g64"), ("rtn-w3g64", "gptq-w3g64"),
+                ("rtn-w2g64", "gptq-w2g64"), ("rtn-w8a8", "ptq4dit-w8a8"), ("rtn-w4a8", "ptq4dit-w4a8"),
+                ("gptq-w4a8", "qdit-w4a8"), ("vq4dit-w2", "vq4dit-w2-a8"), ("vq4dit-w3", "vq4dit-w3-a8")]
 COLLAPSE = "class accuracy below 0.5 or FID above 5x the fp model's"
 REAL = "†"  # a value whose difference from the row above is real (its 95 % paired interval excludes 0)
 # Where rows depart from their authors' releases beyond what a row's name says; each note ends with its measured
@@ -190,9 +197,12 @@ def row_run(row: str, seed: int, eval_cfg, fp: dict, records: Records, scorer, c
 
 def write_table(out: Path, args, results: dict[str, list[dict]], missing: list[str], records: Records, scorer,
                 eval_seed: int, seeds: list[int]) -> None:
-    eval_sd, pairs = bootstrap(results, scorer, args.bootstrap)
-    real_vs_above = {below: {k for k, interval in diff.items() if excludes_zero(interval)} for _, below, diff in pairs}
     names = list(results)
+    neighbours = list(zip(names, names[1:]))
+    contests = [(a, b) for a, b in HEAD_TO_HEAD if a in results and b in results and (a, b) not in neighbours]
+    eval_sd, diffs = bootstrap(results, scorer, args.bootstrap, neighbours + contests)
+    pairs, head_to_head = diffs[:len(neighbours)], diffs[len(neighbours):]
+    real_vs_above = {below: {k for k, interval in diff.items() if excludes_zero(interval)} for _, below, diff in pairs}
     fp = results["fp32"][0]
     figure = [(name, per_sample(results[name][0])["figure"].float()) for name in names]
     labelled_rows(figure, per_sample(fp)["figure_labels"]).save(out / "samples.png")
@@ -206,6 +216,8 @@ def write_table(out: Path, args, results: dict[str, list[dict]], missing: list[s
              "code": code.digest, "code_files": list(CODE), "commit": code.git["commit"],
              "modified": code.git["modified"], "rows_made_at": dict(made_at), "bootstrap": args.bootstrap,
              "differences": [{"above": a, "below": b, **{k: list(v) for k, v in d.items()}} for a, b, d in pairs],
+             "head_to_head": [{"above": a, "below": b, **{k: list(v) for k, v in d.items()}}
+                              for a, b, d in head_to_head],
              "deviations": deviation_notes()}
     lines = [f"Command: `{setup['command']}` ({setup['date']}, {setup['threads']} CPU threads). {args.num_samples} "
              f"samples per run, {setup['sampler']}, eval seed {eval_seed}; calibration seeds {args.seeds} "
@@ -227,6 +239,11 @@ def write_table(out: Path, args, results: dict[str, list[dict]], missing: list[s
     lines += ["", "Differences from the row above (this row minus the row above; 95 % paired-bootstrap interval):", "",
               "| row | FID | class acc. | PSNR vs fp (dB) |", "|---|---|---|---|"]
     lines += [difference_md(above, below, diff, results) for above, below, diff in pairs]
+    if head_to_head:
+        lines += ["", "Head to head: pairs the front page compares that are not neighbours above (the second row minus "
+                  f"the first; the same paired bootstrap; {REAL}: the interval excludes 0):", "",
+                  "| rows | FID | class acc. | PSNR vs fp (dB) |", "|---|---|---|---|"]
+        lines += [difference_md(above, below, diff, results) for above, below, diff in head_to_head]
     lines += ["", "Deviations from the authors' releases: " + " ".join(setup["deviations"].values())]
     if missing:
         lines += ["", "Not in the table (no record made by this code: stale or not run): " + ", ".join(missing) + "."]
@@ -236,10 +253,10 @@ def write_table(out: Path, args, results: dict[str, list[dict]], missing: list[s
     write_results(out, rows, "\n".join(lines), setup)
 
 
-def bootstrap(results: dict[str, list[dict]], scorer, reps: int
+def bootstrap(results: dict[str, list[dict]], scorer, reps: int, pairs: list[tuple[str, str]]
               ) -> tuple[dict[str, float], list[tuple[str, str, dict[str, tuple[float, float]]]]]:
-    """FID's eval sd of every row (mean over its runs) and, for every pair of neighbouring rows, the paired 95 %
-    intervals of their differences: one set of resamples of the sample indices for all rows."""
+    """FID's eval sd of every row (mean over its runs) and, for every pair (a, b) of rows, the paired 95 % intervals
+    of b minus a: one set of resamples of the sample indices for all rows."""
     data = {name: [per_sample(run) for run in runs] for name, runs in results.items()}
     check_paired([run for runs in data.values() for run in runs])
     indices = resamples(len(data["fp32"][0]["labels"]), reps)
@@ -247,8 +264,7 @@ def bootstrap(results: dict[str, list[dict]], scorer, reps: int
     per_run = {name: [run_statistics(run, real, indices) for run in runs] for name, runs in data.items()}
     eval_sd = {name: statistics.mean(s["fid"].std().item() for s in stats) for name, stats in per_run.items()}
     stats = {name: row_statistics(runs) for name, runs in per_run.items()}
-    names = list(results)
-    return eval_sd, [(above, below, differences(stats[above], stats[below])) for above, below in zip(names, names[1:])]
+    return eval_sd, [(above, below, differences(stats[above], stats[below])) for above, below in pairs]
 
 
 def command_line(args) -> str:

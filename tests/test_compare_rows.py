@@ -383,3 +383,37 @@ def test_every_reconstruction_length_starts_from_the_same_fp_block_and_is_kept(m
     assert deviations.recon_steps("w4a8", [(12, 4), (3, 4)], 1, 0, torch.device("cpu"), *small) == after
     again = deviations.recon_steps("w4a8", [(3, 4), (12, 4)], 1, 0, torch.device("cpu"), *small)  # each length kept
     assert [m["mse"] for m in again["lengths"]] == [short["mse"], longer["mse"]]
+
+
+def test_a_head_to_head_pair_gets_the_paired_interval_though_rows_lie_between(made, scorer, tmp_path):
+    """compare.py's HEAD_TO_HEAD: rtn-w2g64 against gptq-w2g64 with kmeans-w2 between them; gptq's copy of the row
+    has every sample 2 dB closer to the fp samples and the same features, so its interval is exactly +2 dB and FID's
+    exactly 0, and the pair is listed once, under the table."""
+    from argparse import Namespace
+
+    import compare
+
+    records, eval_cfg, fp, row = made
+    today = Records(tmp_path / "records", Code())
+
+    def copy(name: str, tensors: dict | None = None, **change) -> dict:
+        return today.store(name, {**{k: v for k, v in row.items() if k != "folder"}, **change},
+                           {**compare_rows.per_sample(row), **(tensors or {})})
+
+    better = 10 ** (-2 / 10) * compare_rows.per_sample(row)["squared_error"]
+    results = {"fp32": [fp], "rtn-w2g64": [copy("a", row="rtn-w2g64")], "kmeans-w2": [copy("b", row="kmeans-w2")],
+               "gptq-w2g64": [copy("c", {"squared_error": better}, row="gptq-w2g64",
+                                   psnr_vs_reference=row["psnr_vs_reference"] + 2)]}
+    out = tmp_path / "out"
+    out.mkdir()
+    args = Namespace(seeds="0", num_samples=20, bootstrap=200, rows=",".join(list(results)[1:]), from_cache=True,
+                     out=str(out), records=str(today.folder))
+    compare.write_table(out, args, results, [], today, scorer, 0, [0])
+    setup = json.loads((out / "results.json").read_text())
+    (pair,) = setup["head_to_head"]
+    assert (pair["above"], pair["below"]) == ("rtn-w2g64", "gptq-w2g64")
+    assert pair["psnr_vs_reference"] == pytest.approx([2.0, 2.0], abs=1e-9) and pair["fid"] == [0.0, 0.0]
+    assert [(d["above"], d["below"]) for d in setup["differences"]] == [
+        ("fp32", "rtn-w2g64"), ("rtn-w2g64", "kmeans-w2"), ("kmeans-w2", "gptq-w2g64")]
+    head = (out / "results.md").read_text().split("Head to head")[1]
+    assert "| gptq-w2g64 − rtn-w2g64 | +0.00 [+0.00, +0.00] |" in head and "+2.00 [+2.00, +2.00] † |" in head
