@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from compare_rows import shown
 from harness import ROOT, config, fp_blocks, fresh_dir, write_results
 from torch import nn
 
@@ -65,6 +66,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/deviations"))
     args = p.parse_args()
+    try:  # before any work: the pool alone is minutes
+        lengths = [(int(steps), int(batch)) for steps, batch in (n.split("x") for n in args.recon_steps.split(","))]
+        assert all(steps >= 1 and batch >= 1 for steps, batch in lengths)
+    except (ValueError, AssertionError):
+        p.error(f"--recon-steps {args.recon_steps}; valid: comma-separated <steps>x<batch>, both >= 1 (500x16)")
     out = fresh_dir(Path(args.out))
     torch.set_num_threads(1)  # train.py's default
     device = torch.device("cpu")
@@ -98,15 +104,11 @@ def main() -> None:
         rows.append(keep({"deviation": "kmeans_points", "row": f"kmeans-{preset}+kmeans_weighting=input_moment",
                           "as_in_the_table": measured[256], "as_released": measured[ALL_POINTS], "seconds": seconds},
                          preset, None, args.seed))
-    lengths = [tuple(int(n) for n in length.split("x")) for length in args.recon_steps.split(",")]
     for preset in filter(None, args.recon.split(",")):
         rows.append(recon_steps(preset, lengths, args.recon_block, args.seed, device))
-    defaults = ("w8a8,w4a8", 50, "w4,w3,w2", "w4a8", f"500x16,2000x16,{RELEASED_LENGTH}", 1, 0)
-    given = (args.ptq4dit, args.iterations, args.kmeans, args.recon, args.recon_steps, args.recon_block, args.seed)
-    command = "python benchmarks/deviations.py" + "".join(
-        f" --{name} {shlex.quote(str(value))}" for name, value, default in zip(
-            ("ptq4dit", "iterations", "kmeans", "recon", "recon-steps", "recon-block", "seed"), given, defaults)
-        if value != default)
+    command = "python benchmarks/deviations.py" + "".join(  # the options given, from the parser's own defaults
+        f" {a.option_strings[0]} {shlex.quote(str(getattr(args, a.dest)))}" for a in p._actions
+        if a.dest not in ("help", "out") and getattr(args, a.dest) != a.default)
     setup = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "threads": torch.get_num_threads(), "heldout_rows": heldout_rows,
              "effects": effects(rows, command, args, out)}
@@ -197,13 +199,6 @@ def recon_steps(preset: str, lengths: list[tuple[int, int]], block: int, seed: i
                 preset, lengths, seed, block, *overrides)
 
 
-def _shown(path: Path) -> str:
-    try:
-        return f"{Path(path).resolve().relative_to(ROOT)}/"
-    except ValueError:
-        return f"{path}/"
-
-
 def _path(kind: str, preset: str, iterations, seed: int, *more) -> Path:
     key = hashlib.sha1(json.dumps([kind, preset, iterations, seed, *more]).encode()).hexdigest()[:12]
     return CACHE / f"{kind}-{preset}-{key}.json"
@@ -263,7 +258,7 @@ def effects(rows: list[dict], command: str, args, out: Path) -> dict[str, str]:
                              if "one_part_quantized" in r else "") + ")"
                          for r in rows if r["deviation"] == kind)
 
-    where, out = _shown(out), {}
+    where, out = f"{shown(out)}/", {}
     if any(r["deviation"] == "embedders" for r in rows):
         out["embedders"] = (f"Measured (`{command}`, {where}): quantizing those layers as well "
                             "changes the model's held-out output error, relative to the fp output's mean square, "
