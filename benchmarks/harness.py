@@ -36,7 +36,8 @@ def labelled_rows(rows: list[tuple[str, torch.Tensor]], labels: torch.Tensor, pe
         strips.append(((strip.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
     grid = torch.cat(strips, dim=0).numpy()
     image = Image.fromarray(grid).resize((grid.shape[1] * upscale, grid.shape[0] * upscale), Image.NEAREST)
-    margin = 110
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    margin = 8 + max(110, *(int(measure.textlength(name)) for name, _ in rows))  # the longest label fits
     canvas = Image.new("L", (image.width + margin, image.height), 255)
     canvas.paste(image, (margin, 0))
     draw = ImageDraw.Draw(canvas)

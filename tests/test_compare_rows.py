@@ -417,3 +417,23 @@ def test_a_head_to_head_pair_gets_the_paired_interval_though_rows_lie_between(ma
         ("fp32", "rtn-w2g64"), ("rtn-w2g64", "kmeans-w2"), ("kmeans-w2", "gptq-w2g64")]
     head = (out / "results.md").read_text().split("Head to head")[1]
     assert "| gptq-w2g64 − rtn-w2g64 | +0.00 [+0.00, +0.00] |" in head and "+2.00 [+2.00, +2.00] † |" in head
+
+
+def test_the_figure_keeps_a_long_row_name_left_of_the_samples():
+    """The figure's labels sit in a margin as wide as the longest name: its text (the pixels a label changes against
+    an unlabelled figure) ends before the first sample's column."""
+    from harness import labelled_rows
+    from PIL import ImageChops
+
+    samples, labels = torch.full((10, 1, 8, 8), 1.0), torch.arange(10)  # white samples: text would show on them
+    long = "gptq-w3g64+pool.student_inputs=quantized"
+    named = labelled_rows([("fp32", samples), (long, samples)], labels)
+    blank = labelled_rows([("", samples), ("", samples)], labels)
+    assert named.size[1] == blank.size[1] and named.size[0] >= blank.size[0]
+    first_sample = named.width - 10 * 10 * 3  # 10 samples of 8 + 2 frame pixels, upscaled 3x, at the right
+    text = ImageChops.difference(named.crop((0, 0, first_sample, named.height)),
+                                 blank.crop((0, 0, first_sample, blank.height)).resize((first_sample, named.height)))
+    assert text.getbbox() is not None  # the labels were drawn
+    samples_part = named.crop((first_sample, 0, named.width, named.height))
+    expected = blank.crop((blank.width - 10 * 10 * 3, 0, blank.width, blank.height))
+    assert ImageChops.difference(samples_part, expected).getbbox() is None  # no label pixel over a sample
