@@ -437,3 +437,16 @@ def test_the_figure_keeps_a_long_row_name_left_of_the_samples():
     samples_part = named.crop((first_sample, 0, named.width, named.height))
     expected = blank.crop((blank.width - 10 * 10 * 3, 0, blank.width, blank.height))
     assert ImageChops.difference(samples_part, expected).getbbox() is None  # no label pixel over a sample
+
+
+def test_the_front_page_table_is_the_committed_table():
+    """README's comparison table is benchmarks/results/compare/results.md's, line for line; no row is not run."""
+    readme = (ROOT / "README.md").read_text()
+    results = (ROOT / "benchmarks/results/compare/results.md").read_text()
+    front = readme[readme.index("## The comparison"):]
+    front = front[:front.index("\n## ", 1)]
+    rows = [line for line in front.splitlines() if line.startswith("| ")]
+    committed = [line for line in results.splitlines() if line.startswith("| ")]
+    assert rows and rows == committed[:len(rows)]
+    assert committed[len(rows)].startswith("| row | FID")  # every row of the table, not a part of it
+    assert "Not in the table" not in results
