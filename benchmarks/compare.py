@@ -71,6 +71,14 @@ HEAD_TO_HEAD = [("gptq-w4g64", "vq4dit-w4"), ("gptq-w3g64", "vq4dit-w3"), ("gptq
                 ("classic_vq-w2", "vq4dit-w2"), ("rtn-w4g64", "gptq-w4g64"), ("rtn-w3g64", "gptq-w3g64"),
                 ("rtn-w2g64", "gptq-w2g64"), ("rtn-w8a8", "ptq4dit-w8a8"), ("rtn-w4a8", "ptq4dit-w4a8"),
                 ("gptq-w4a8", "qdit-w4a8"), ("vq4dit-w2", "vq4dit-w2-a8"), ("vq4dit-w3", "vq4dit-w3-a8")]
+# docs/vq4dit.md's ablation: each of VQ4DiT's choices left out against the default, and classic VQ given VQ4DiT's
+# data-aware codebooks, quantized inputs and model fit (listed only when a table holds both rows)
+CLASSIC_NEW = "kmeans_weighting=input_moment+pool.student_inputs=quantized+model_fit.iterations=500"
+HEAD_TO_HEAD += [("vq4dit-w3", f"vq4dit-w3+{choice}") for choice in (
+    "kmeans_weighting=none", "ratio_init=uniform", "candidates=3", "regularizer=code", "codebook_training=after_freeze",
+    "harden_at=1.0")] + [("vq4dit-w2", "vq4dit-w2+harden_at=1.0")] + [
+    pair for w in ("w3", "w2") for pair in ((f"classic_vq-{w}", f"classic_vq-{w}+{CLASSIC_NEW}"),
+                                             (f"classic_vq-{w}+{CLASSIC_NEW}", f"vq4dit-{w}"))]
 COLLAPSE = "class accuracy below 0.5 or FID above 5x the fp model's"
 REAL = "†"  # a value whose difference from the row above is real (its 95 % paired interval excludes 0)
 # Where rows depart from their authors' releases beyond what a row's name says; each note ends with its measured
