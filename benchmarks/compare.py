@@ -64,15 +64,14 @@ ROWS = ["rtn-w4pc", "rtn-w4g64", "gptq-w4pc", "gptq-w4g64", "kmeans-w4", "classi
         # weights and activations (act presets: README, "Activation quantization")
         "rtn-w8a8", "ptq4dit-w8a8", "qdit-w6a8", "rtn-w4a8", "gptq-w4a8", "qdit-w4a8", "ptq4dit-w4a8",
         "vq4dit-w3-a8", "vq4dit-w2-a8"]
-# Pairs the front page's reading compares (who beats whom) that are not neighbours in the table: each gets the same
-# paired bootstrap as neighbouring rows, listed under the table when both rows are in it
+# Pairs the README's reading (who beats whom) and docs/vq4dit.md's ablation compare that are not neighbours in the
+# table: each gets the same paired bootstrap as neighbouring rows, listed under the table when both rows are in it
 HEAD_TO_HEAD = [("gptq-w4g64", "vq4dit-w4"), ("gptq-w3g64", "vq4dit-w3"), ("gptq-w2g64", "vq4dit-w2"),
                 (f"gptq-w2g64+{SEQUENTIAL}", "vq4dit-w2"), ("gptq-w2pc", "vq4dit-w2"), ("classic_vq-w3", "vq4dit-w3"),
                 ("classic_vq-w2", "vq4dit-w2"), ("rtn-w4g64", "gptq-w4g64"), ("rtn-w3g64", "gptq-w3g64"),
                 ("rtn-w2g64", "gptq-w2g64"), ("rtn-w8a8", "ptq4dit-w8a8"), ("rtn-w4a8", "ptq4dit-w4a8"),
                 ("gptq-w4a8", "qdit-w4a8"), ("vq4dit-w2", "vq4dit-w2-a8"), ("vq4dit-w3", "vq4dit-w3-a8")]
-# docs/vq4dit.md's ablation: each of VQ4DiT's choices left out against the default, and classic VQ given VQ4DiT's
-# data-aware codebooks, quantized inputs and model fit (listed only when a table holds both rows)
+# the ablation: each of VQ4DiT's choices left out against the default; classic VQ given VQ4DiT's new defaults
 CLASSIC_NEW = "kmeans_weighting=input_moment+pool.student_inputs=quantized+model_fit.iterations=500"
 HEAD_TO_HEAD += [("vq4dit-w3", f"vq4dit-w3+{choice}") for choice in (
     "kmeans_weighting=none", "ratio_init=uniform", "candidates=3", "regularizer=code", "codebook_training=after_freeze",
@@ -248,8 +247,8 @@ def write_table(out: Path, args, results: dict[str, list[dict]], missing: list[s
               "| row | FID | class acc. | PSNR vs fp (dB) |", "|---|---|---|---|"]
     lines += [difference_md(above, below, diff, results) for above, below, diff in pairs]
     if head_to_head:
-        lines += ["", "Head to head: pairs the front page compares that are not neighbours above (the second row minus "
-                  f"the first; the same paired bootstrap; {REAL}: the interval excludes 0):", "",
+        lines += ["", "Head to head: pairs the README and docs/vq4dit.md compare that are not neighbours above (the "
+                  f"second row minus the first; the same paired bootstrap; {REAL}: the interval excludes 0):", "",
                   "| rows | FID | class acc. | PSNR vs fp (dB) |", "|---|---|---|---|"]
         lines += [difference_md(above, below, diff, results) for above, below, diff in head_to_head]
     lines += ["", "Deviations from the authors' releases: " + " ".join(setup["deviations"].values())]
