@@ -96,7 +96,8 @@ DEVIATIONS = {
                    "design card's); its authors' release runs 20000 steps of batch 32 (`cali_iters`, "
                    "`cali_batch_size`).",
 }
-# benchmarks/deviations.py's committed runs (one folder per run: deviations/, deviations-recon/, ...)
+# benchmarks/deviations.py's committed runs (one folder per run: deviations/, deviations-recon/, ...; the newest
+# run of a deviation is quoted)
 DEVIATION_RESULTS = ROOT / "benchmarks/results"
 BLOCK_INPUT_RESULTS = ROOT / "benchmarks/results/gptq-inputs/results.json"  # benchmarks/gptq_inputs.py
 
@@ -287,8 +288,9 @@ def command_line(args) -> str:
 
 def deviation_notes() -> dict[str, str]:
     """Each deviation with its measured effect (benchmarks/deviations.py's committed results), or 'not measured'."""
-    measured = {key: text for path in sorted(DEVIATION_RESULTS.glob("deviations*/results.json"))
-                for key, text in json.loads(path.read_text())["effects"].items()}
+    runs = sorted((json.loads(path.read_text()) for path in DEVIATION_RESULTS.glob("deviations*/results.json")),
+                  key=lambda run: run["date"])  # a later run of a deviation supersedes an earlier one
+    measured = {key: text for run in runs for key, text in run["effects"].items()}
     if BLOCK_INPUT_RESULTS.is_file():
         measured["block_inputs"] = block_inputs_effect(json.loads(BLOCK_INPUT_RESULTS.read_text())["rows"])
     return {key: f"{text} {measured.get(key, 'Its effect is not measured.')}" for key, text in DEVIATIONS.items()}

@@ -363,6 +363,21 @@ def test_the_block_inputs_note_gives_each_measured_rows_ratio_and_says_what_is_n
     assert block_inputs_effect([]) == "Its effect is not measured."
 
 
+def test_the_newest_run_of_a_deviation_is_quoted_whatever_its_folder_is_called(monkeypatch, tmp_path):
+    import compare
+    runs = {"deviations": ("2026-12-01T10:00:00+00:00", {"embedders": "E.", "recon_steps": "oldest."}),
+            "deviations-recon": ("2026-12-04T10:00:00+00:00", {"recon_steps": "newest."}),
+            "deviations-recon-before-issue20": ("2026-12-03T10:00:00+00:00", {"recon_steps": "older."})}
+    for folder, (date, effects) in runs.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "results.json").write_text(json.dumps({"date": date, "effects": effects}))
+    monkeypatch.setattr(compare, "DEVIATION_RESULTS", tmp_path)
+    monkeypatch.setattr(compare, "BLOCK_INPUT_RESULTS", tmp_path / "absent.json")
+    notes = compare.deviation_notes()
+    assert notes["recon_steps"] == f"{compare.DEVIATIONS['recon_steps']} newest."
+    assert notes["embedders"].endswith(" E.") and notes["kmeans_points"].endswith(" Its effect is not measured.")
+
+
 def test_every_reconstruction_length_starts_from_the_same_fp_block_and_is_kept(monkeypatch, tmp_path, one_thread):
     """benchmarks/deviations.py's `recon_steps`: a length measured after another gives what it gives alone (PTQ4DiT
     folds its balancing into the block it is given, so a shared block would drift), a longer reconstruction is
