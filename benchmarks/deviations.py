@@ -1,4 +1,4 @@
-"""What three departures of the comparison's rows from their authors' releases cost on the reference digits DiT
+"""What four departures of the comparison's rows from their authors' releases cost on the reference digits DiT
 (benchmarks/compare.py quotes the results in the table's notes).
 
 - `embedders`: every row quantizes the block linears only; PTQ4DiT's release wraps every Linear and Conv, so it also
@@ -10,11 +10,15 @@
 - `kmeans_points`: k-means runs Lloyd on at most 256 sub-vectors per codeword (`method.kmeans_points_per_codeword`)
   where VQ4DiT's released code uses all of them. A model is quantized with k-means as VQ4DiT starts (data-aware
   weighting) both ways; VQ4DiT's fit after that start is not run here.
+- `rounding`: PTQ4DiT's AdaRound regulariser is far weaker than its release's and its offsets learn too slowly to
+  decide in 500 steps (`RELEASE_ROUNDING`). One block of a PTQ4DiT preset is reconstructed for the table's 500x16
+  with the row's settings and with `RELEASE_ROUNDING`: held-out MSE over the start's, before hard rounding and
+  after, and the fraction of offsets still undecided at the end (hard rounding then moves them).
 - `recon_steps`: every row reconstructs a block for `fit.iterations` = 500 steps of batch 16; PTQ4DiT's release runs
   20000 steps of batch 32 (`cali_iters`, `cali_batch_size`). One block (`--recon-block`, fp inputs) of a PTQ4DiT
   preset is reconstructed for each of `--recon-steps` (steps x batch) and its held-out block MSE compared.
 The first two are the quantized model's output MSE against the fp model on the pool's held-out rows (trajectories
-never calibrated on), over the fp outputs' mean square; the third the block's MSE on the held-out rows over its
+never calibrated on), over the fp outputs' mean square; the last two the block's MSE on the held-out rows over its
 round-to-nearest start's: lower is better.
 
     python benchmarks/deviations.py                 # -> benchmarks/results/deviations/
@@ -51,6 +55,11 @@ from vq4dit.quant.uniform_linear import decode, round_to_nearest
 OUTER = {"patch embedder": "pos_embed.", "timestep MLP": "timestep_embedder.", "final layer": "proj_out_"}
 ALL_POINTS = 10**9  # kmeans_points_per_codeword above any layer's sub-vector count: Lloyd on every sub-vector
 RELEASED_LENGTH = "20000x32"  # PTQ4DiT's release: cali_iters x cali_batch_size
+# PTQ4DiT's rounding as strong as its release's in the table's 500 steps (method settings, a row suffix): the release
+# adds 0.01 x the regulariser *summed* over a block's weights to an unnormalised loss, some 1e4-1e6 times the weight
+# of this project's 0.01 x mean against a loss normalised to 1; and Adam at lr 1e-3 moves an offset's logit at most
+# 0.5 in 500 steps where deciding it takes up to 2.4 (the release's 20000 steps allow 20): lr 0.04 allows 20 in 500
+RELEASE_ROUNDING = "reg_weight=10000+lr_rounding=0.04"
 CACHE = ROOT / "logs" / "benchmark" / "deviations"  # each finished measurement, so an interrupted run resumes
 
 
@@ -62,6 +71,8 @@ def main() -> None:
     p.add_argument("--recon", default="w4a8", help="PTQ4DiT presets whose reconstruction length is measured")
     p.add_argument("--recon-steps", default=f"500x16,2000x16,{RELEASED_LENGTH}",
                    help="reconstruction lengths compared, steps x batch (the table's first, the release's last)")
+    p.add_argument("--rounding", default="w4a8,w8a8",
+                   help="PTQ4DiT presets reconstructed with the row's rounding settings and the release's strength")
     p.add_argument("--recon-block", type=int, default=1, help="the block reconstructed (fp inputs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/deviations"))
@@ -106,13 +117,15 @@ def main() -> None:
                          preset, None, args.seed))
     for preset in filter(None, args.recon.split(",")):
         rows.append(recon_steps(preset, lengths, args.recon_block, args.seed, device))
+    for preset in filter(None, args.rounding.split(",")):
+        rows.append(rounding(preset, args.recon_block, args.seed, device))
     command = "python benchmarks/deviations.py" + "".join(  # the options given, from the parser's own defaults
         f" {a.option_strings[0]} {shlex.quote(str(getattr(args, a.dest)))}" for a in p._actions
         if a.dest not in ("help", "out") and getattr(args, a.dest) != a.default)
     setup = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "threads": torch.get_num_threads(), "heldout_rows": heldout_rows,
              "effects": effects(rows, command, args, out)}
-    model_rows = [r for r in rows if r["deviation"] != "recon_steps"]
+    model_rows = [r for r in rows if r["deviation"] in ("embedders", "kmeans_points")]
     lines = [f"Command: `{command}` ({setup['date']}, 1 CPU thread, seed {args.seed})."]
     if model_rows:
         lines[0] += (f" Output MSE of the quantized reference digits DiT against the fp model on the pool's "
@@ -134,6 +147,17 @@ def main() -> None:
                   "|---|---|" + "---|" * len(recon[0]["lengths"])]
         lines += [f"| {r['row']} | {r['block']} | " + " | ".join(
             f"{m['mse'] / r['start_mse']:.4f} ({m['seconds']:.0f} s)" for m in r["lengths"]) + " |" for r in recon]
+    strength = [r for r in rows if r["deviation"] == "rounding"]
+    if strength:
+        lines += ["", f"Rounding strength (`rounding`): PTQ4DiT's held-out MSE of one block (fp inputs) over its "
+                  f"round-to-nearest start's after {strength[0]['length']} steps x batch, before hard rounding (soft "
+                  "offsets) and after, and the fraction of offsets still undecided at the end, with the row's "
+                  f"settings and with `{RELEASE_ROUNDING}` (the release's strength).", "",
+                  "| model | block | settings | before rounding | after rounding | undecided |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['row']} | {r['block']} | {name} | {v['soft_mse'] / r['start_mse']:.4f} | "
+                  f"{v['mse'] / r['start_mse']:.4f} | {v['undecided']:.3f} |"
+                  for r in strength for name, v in r["settings"].items()]
     write_results(out, rows, "\n".join(lines), setup)
     print((out / "results.md").read_text())
 
@@ -197,6 +221,35 @@ def recon_steps(preset: str, lengths: list[tuple[int, int]], block: int, seed: i
                  "start_mse": table["start_mse"], "lengths": measured, "as_in_the_table": table["mse"],
                  "as_released": released["mse"], "seconds": sum(m["seconds"] for m in measured)},
                 preset, lengths, seed, block, *overrides)
+
+
+def rounding(preset: str, block: int, seed: int, device: torch.device, *overrides: str) -> dict:
+    """PTQ4DiT at `preset` on one block (fp inputs), reconstructed for the table's `fit` with the row's settings and
+    with RELEASE_ROUNDING, both from the same fp block: the held-out block MSE before hard rounding (the student as
+    fitted) and after, and the fraction of rounding offsets still undecided. `overrides` shrink it for tests."""
+    if (row := cached("rounding", preset, RELEASE_ROUNDING, seed, block, *overrides)) is not None:
+        return row
+    base = ("train", f"seed={seed}", "method=ptq4dit", f"quant={preset}", "trainer.enable_progress_bar=false")
+    cfg = config(*base, *overrides)
+    data = next(b for b in fp_blocks(cfg) if b.index == block)
+    fit = instantiate(cfg.fit)
+    settings = {"as in the table": (), RELEASE_ROUNDING: [f"method.{s}" for s in RELEASE_ROUNDING.split("+")]}
+    measured = {}
+    for name, extra in settings.items():
+        trainers, make = [], default_trainer(device, trainer=instantiate(cfg.trainer))
+        method = build_method(config(*base, *overrides, *extra))
+        copied = copy.deepcopy(data)
+        _, stats = quantize_block(method, copied, fit, lambda **kw: trainers.append(make(**kw)) or trainers[-1])
+        fitted = trainers[-1].lightning_module  # the student as fitted: soft offsets, before finalize rounds them
+        measured[name] = {"soft_mse": copied.heldout_mse(fitted.student.to(device)).item(),
+                          "mse": stats["method_mse"], "kept": stats["kept"],
+                          "undecided": method.curves(fitted.layers)["undecided_fraction"]}
+        start_mse = stats["start_mse"]
+    return keep({"deviation": "rounding", "row": f"ptq4dit-{preset}", "block": block,
+                 "length": f"{fit.iterations}x{fit.batch_size}", "start_mse": start_mse, "settings": measured,
+                 "as_in_the_table": measured["as in the table"]["mse"],
+                 "as_released": measured[RELEASE_ROUNDING]["mse"]},
+                preset, RELEASE_ROUNDING, seed, block, *overrides)
 
 
 def _path(kind: str, preset: str, iterations, seed: int, *more) -> Path:
@@ -281,6 +334,15 @@ def effects(rows: list[dict], command: str, args, out: Path) -> dict[str, str]:
             + ("" if any(m["length"] == RELEASED_LENGTH for r in recon for m in r["lengths"])
                else f"; the release's {RELEASED_LENGTH} is not measured")
             + "; its effect on FID and PSNR is not measured.")
+    strength = [r for r in rows if r["deviation"] == "rounding"]
+    if strength:
+        out["rounding"] = (
+            f"Measured (`{command}`, {where}): PTQ4DiT's held-out MSE of block {strength[0]['block']} (fp inputs) "
+            f"over its round-to-nearest start's after {strength[0]['length']}, before hard rounding -> after, and the "
+            "offsets left undecided, with the row's settings / with the release's strength: " + "; ".join(
+                f"{r['row']}: " + " / ".join(f"{v['soft_mse'] / r['start_mse']:.3f} -> {v['mse'] / r['start_mse']:.3f}"
+                                             f" ({v['undecided']:.0%} undecided)" for v in r["settings"].values())
+                for r in strength) + ".")
     return out
 
 

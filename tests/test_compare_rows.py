@@ -400,6 +400,24 @@ def test_every_reconstruction_length_starts_from_the_same_fp_block_and_is_kept(m
     assert [m["mse"] for m in again["lengths"]] == [short["mse"], longer["mse"]]
 
 
+def test_the_release_strength_rounding_decides_offsets_the_rows_settings_leave_undecided(monkeypatch, tmp_path,
+                                                                                          one_thread):
+    """benchmarks/deviations.py's `rounding`: in 20 steps Adam at the row's lr 1e-3 moves an offset's logit at most
+    0.02, and every offset starts undecided (at its weight's fractional part), so nearly all stay undecided; the
+    release's strength decides more. Both variants start from the same fp block; the row is kept and read back."""
+    import deviations
+
+    monkeypatch.setattr(deviations, "CACHE", tmp_path / "cache")
+    small = ("model=dit_tiny", "pool.trajectories=4", "pool.size=96", "pool.heldout_trajectories=2",
+             "pool.heldout_size=32", "fit.iterations=20", "fit.batch_size=4")
+    row = deviations.rounding("w4a8", 1, 0, torch.device("cpu"), *small)
+    table, release = row["settings"]["as in the table"], row["settings"][deviations.RELEASE_ROUNDING]
+    assert table["undecided"] > 0.9 and release["undecided"] < table["undecided"]
+    assert table["mse"] != release["mse"] and row["length"] == "20x4"
+    monkeypatch.setattr(deviations, "quantize_block", lambda *a: pytest.fail("a kept measurement was run again"))
+    assert deviations.rounding("w4a8", 1, 0, torch.device("cpu"), *small) == row
+
+
 def test_a_head_to_head_pair_gets_the_paired_interval_though_rows_lie_between(made, scorer, tmp_path):
     """compare.py's HEAD_TO_HEAD: rtn-w2g64 against gptq-w2g64 with kmeans-w2 between them; gptq's copy of the row
     has every sample 2 dB closer to the fp samples and the same features, so its interval is exactly +2 dB and FID's
