@@ -20,7 +20,7 @@ setup: .venv/.installed  ## create .venv and install the project with its calibr
 train: setup  ## quantize the reference digits DiT to 3 bits
 	$(PY) train.py quant=w3
 
-test: setup  ## ruff, then the default test suite (757 tests: 11.0 min measured on 2 idle cores), slowest listed
+test: setup  ## ruff, then the default test suite (764 tests: 6.1-11 min on 2 idle cores, by machine), slowest listed
 	$(PY) -m ruff check .
 	$(PY) -m pytest --durations=15
 

@@ -38,6 +38,7 @@ from compare_rows import (
     shown,
     train_config,
 )
+from deviations import RELEASE_ROUNDING
 from harness import ROOT, config, fresh_dir, labelled_rows, write_results
 from paired_bootstrap import (
     RealSide,
@@ -62,15 +63,17 @@ ROWS = ["rtn-w4pc", "rtn-w4g64", "gptq-w4pc", "gptq-w4g64", "kmeans-w4", "classi
         "rtn-w2pc", "rtn-w2g64", "gptq-w2pc", "gptq-w2g64", f"gptq-w2g64+{SEQUENTIAL}", "kmeans-w2", "classic_vq-w2",
         "vq4dit-w2",
         # weights and activations (act presets: README, "Activation quantization")
-        "rtn-w8a8", "ptq4dit-w8a8", "qdit-w6a8", "rtn-w4a8", "gptq-w4a8", "qdit-w4a8", "ptq4dit-w4a8",
-        "vq4dit-w3-a8", "vq4dit-w2-a8"]
+        "rtn-w8a8", "ptq4dit-w8a8", f"ptq4dit-w8a8+{RELEASE_ROUNDING}", "qdit-w6a8", "rtn-w4a8", "gptq-w4a8",
+        "qdit-w4a8", "ptq4dit-w4a8", f"ptq4dit-w4a8+{RELEASE_ROUNDING}", "vq4dit-w3-a8", "vq4dit-w2-a8"]
 # Pairs the README's reading (who beats whom) and docs/vq4dit.md's ablation compare that are not neighbours in the
 # table: each gets the same paired bootstrap as neighbouring rows, listed under the table when both rows are in it
 HEAD_TO_HEAD = [("gptq-w4g64", "vq4dit-w4"), ("gptq-w3g64", "vq4dit-w3"), ("gptq-w2g64", "vq4dit-w2"),
                 (f"gptq-w2g64+{SEQUENTIAL}", "vq4dit-w2"), ("gptq-w2pc", "vq4dit-w2"), ("classic_vq-w3", "vq4dit-w3"),
                 ("classic_vq-w2", "vq4dit-w2"), ("rtn-w4g64", "gptq-w4g64"), ("rtn-w3g64", "gptq-w3g64"),
                 ("rtn-w2g64", "gptq-w2g64"), ("rtn-w8a8", "ptq4dit-w8a8"), ("rtn-w4a8", "ptq4dit-w4a8"),
-                ("gptq-w4a8", "qdit-w4a8"), ("vq4dit-w2", "vq4dit-w2-a8"), ("vq4dit-w3", "vq4dit-w3-a8")]
+                ("gptq-w4a8", "qdit-w4a8"), ("vq4dit-w2", "vq4dit-w2-a8"), ("vq4dit-w3", "vq4dit-w3-a8"),
+                ("rtn-w8a8", f"ptq4dit-w8a8+{RELEASE_ROUNDING}"), ("rtn-w4a8", f"ptq4dit-w4a8+{RELEASE_ROUNDING}"),
+                ("gptq-w4a8", f"ptq4dit-w4a8+{RELEASE_ROUNDING}"), ("qdit-w4a8", f"ptq4dit-w4a8+{RELEASE_ROUNDING}")]
 # the ablation: each of VQ4DiT's choices left out against the default; classic VQ given VQ4DiT's new defaults
 CLASSIC_NEW = "kmeans_weighting=input_moment+pool.student_inputs=quantized+model_fit.iterations=500"
 HEAD_TO_HEAD += [("vq4dit-w3", f"vq4dit-w3+{choice}") for choice in (
@@ -92,6 +95,11 @@ DEVIATIONS = {
     "block_inputs": "GPTQ and Q-DiT take their Hessians on the fp model's block inputs (`pool.student_inputs=fp`); "
                     "both authors take them on the outputs of the already-quantized earlier blocks, as the rows "
                     "`gptq-...+pool.student_inputs=quantized` do.",
+    "rounding": "PTQ4DiT's rounding regulariser weighs 0.01 x its mean over a block's weights against the block loss "
+                "normalised to 1, and the rounding offsets learn at lr 1e-3 (`method.reg_weight`, "
+                "`method.lr_rounding`); its authors' release adds 0.01 x the regulariser summed over the block's "
+                "weights to an unnormalised loss (some 1e4-1e6 times stronger here) and runs 40 times the steps. The "
+                f"rows `ptq4dit-...+{RELEASE_ROUNDING}` give the rounding the release's strength within 500 steps.",
     "recon_steps": "PTQ4DiT (like every fitting row) reconstructs each block for 500 steps of batch 16 (`fit`, the "
                    "design card's); its authors' release runs 20000 steps of batch 32 (`cali_iters`, "
                    "`cali_batch_size`).",
