@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from compare_rows import shown
+from compare_rows import overrides_for, shown
 from harness import ROOT, config, fp_blocks, fresh_dir, write_results
 from torch import nn
 
@@ -229,17 +229,22 @@ def rounding(preset: str, block: int, seed: int, device: torch.device, *override
     fitted) and after, and the fraction of rounding offsets still undecided. `overrides` shrink it for tests."""
     if (row := cached("rounding", preset, RELEASE_ROUNDING, seed, block, *overrides)) is not None:
         return row
-    base = ("train", f"seed={seed}", "method=ptq4dit", f"quant={preset}", "trainer.enable_progress_bar=false")
-    cfg = config(*base, *overrides)
-    data = next(b for b in fp_blocks(cfg) if b.index == block)
+    rows = {"as in the table": f"ptq4dit-{preset}", RELEASE_ROUNDING: f"ptq4dit-{preset}+{RELEASE_ROUNDING}"}
+    cfgs = {name: config("train", f"seed={seed}", "trainer.enable_progress_bar=false", *overrides_for(row), *overrides)
+            for name, row in rows.items()}
+    cfg = cfgs["as in the table"]
+    data = next(b for b in fp_blocks(cfg) if b.index == block)  # the same fp block for both: the pool is the row's
     fit = instantiate(cfg.fit)
-    settings = {"as in the table": (), RELEASE_ROUNDING: [f"method.{s}" for s in RELEASE_ROUNDING.split("+")]}
     measured = {}
-    for name, extra in settings.items():
+    for name, row_cfg in cfgs.items():
         trainers, make = [], default_trainer(device, trainer=instantiate(cfg.trainer))
-        method = build_method(config(*base, *overrides, *extra))
-        copied = copy.deepcopy(data)
-        _, stats = quantize_block(method, copied, fit, lambda **kw: trainers.append(make(**kw)) or trainers[-1])
+
+        def kept_trainer(**kwargs):  # the fitted module is read after quantize_block returns
+            trainers.append(make(**kwargs))
+            return trainers[-1]
+
+        method, copied = build_method(row_cfg), copy.deepcopy(data)
+        _, stats = quantize_block(method, copied, fit, kept_trainer)
         fitted = trainers[-1].lightning_module  # the student as fitted: soft offsets, before finalize rounds them
         measured[name] = {"soft_mse": copied.heldout_mse(fitted.student.to(device)).item(),
                           "mse": stats["method_mse"], "kept": stats["kept"],
